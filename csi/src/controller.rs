@@ -1,0 +1,1 @@
+//! The CSI Controller service.
