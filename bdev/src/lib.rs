@@ -63,7 +63,7 @@ impl DeviceInfo {
     /// Checks a buffer length for I/O at `lba` and returns its length in blocks.
     pub fn check_buf(&self, lba: u64, len: usize) -> Result<u64, BdevError> {
         let bs = self.block_size as usize;
-        if len == 0 || len % bs != 0 {
+        if len == 0 || !len.is_multiple_of(bs) {
             return Err(BdevError::Misaligned {
                 len,
                 block_size: self.block_size,
