@@ -567,10 +567,12 @@ def test_csi_reaches_agent():
 
 def test_etcd_store():
     """The agents' --store names every member of the etcd StatefulSet at its client port."""
-    _, _, agent = cairn_binary_container("cairn-agent")
+    _, aspec, agent = cairn_binary_container("cairn-agent")
     store = str(flags(agent)["store"])
     endpoints = [urlparse(e) for e in store.split(",")]
     errors = [f"store endpoint {e.geturl()} is not etcd://" for e in endpoints if e.scheme != "etcd"]
+    if aspec.get("hostNetwork") and aspec.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        errors.append("agent is on the host network: it needs dnsPolicy ClusterFirstWithHostNet to resolve etcd")
     sts = of_kind("StatefulSet")
     etcd = [s for s in sts if any("etcd" in c["image"] for c in containers(pod_spec(s)))]
     assert len(etcd) == 1, "expected one etcd StatefulSet"
