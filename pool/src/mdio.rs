@@ -1,0 +1,156 @@
+//! Synchronous metadata I/O for control operations (create, import, destroy,
+//! resize, grow), done with `pread`/`pwrite`/`fdatasync` on the device path so
+//! that they run on any thread, with no reactor. The same file is opened with
+//! `O_DIRECT` when the filesystem allows it, like the data path, so both see
+//! the same bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use cairn_bdev::IoBuf;
+
+use crate::error::{PoolError, Result};
+use crate::format::MD_BLOCK;
+
+/// `BLKGETSIZE64`: size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `BLKZEROOUT`: zero a byte range of a block device.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// A device opened for control-path metadata I/O.
+pub(crate) struct MdFile {
+    path: PathBuf,
+    file: File,
+    is_block: bool,
+}
+
+impl MdFile {
+    pub(crate) fn open(path: &Path, write: bool) -> Result<Self> {
+        let mut direct = true;
+        let file = loop {
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(write);
+            if direct {
+                oo.custom_flags(libc::O_DIRECT);
+            }
+            match oo.open(path) {
+                Ok(f) => break f,
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => direct = false,
+                Err(e) => return Err(io_err("open", path, e)),
+            }
+        };
+        let meta = file.metadata().map_err(|e| io_err("stat", path, e))?;
+        Ok(MdFile {
+            path: path.to_owned(),
+            file,
+            is_block: meta.file_type().is_block_device(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Current size of the device in bytes.
+    pub(crate) fn size(&self) -> Result<u64> {
+        if self.is_block {
+            let mut bytes: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points at a live local; the descriptor is open.
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut bytes) };
+            if rc != 0 {
+                return Err(self.err("BLKGETSIZE64", io::Error::last_os_error()));
+            }
+            Ok(bytes)
+        } else {
+            Ok(self
+                .file
+                .metadata()
+                .map_err(|e| self.err("stat", e))?
+                .len())
+        }
+    }
+
+    fn err(&self, op: &'static str, e: io::Error) -> PoolError {
+        io_err(op, &self.path, e)
+    }
+
+    /// Reads `len` bytes (a multiple of [`MD_BLOCK`]) at `off`.
+    pub(crate) fn read(&self, off: u64, len: usize) -> Result<IoBuf> {
+        debug_assert!(off % MD_BLOCK == 0 && len as u64 % MD_BLOCK == 0);
+        let mut buf = IoBuf::zeroed(len);
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(|e| self.err("read", e))?;
+        Ok(buf)
+    }
+
+    /// Writes `data` (a multiple of [`MD_BLOCK`]) at `off`.
+    pub(crate) fn write(&self, off: u64, data: &[u8]) -> Result<()> {
+        debug_assert!(off % MD_BLOCK == 0 && data.len() as u64 % MD_BLOCK == 0);
+        let buf = IoBuf::from_slice(data);
+        self.file
+            .write_all_at(&buf, off)
+            .map_err(|e| self.err("write", e))
+    }
+
+    /// Makes every completed write durable.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.err("fdatasync", e))
+    }
+
+    /// Makes `len` bytes at `off` read as zeros (both 4 KiB aligned).
+    pub(crate) fn zero(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        let done = if self.is_block {
+            let range: [u64; 2] = [off, len];
+            // SAFETY: BLKZEROOUT reads a [u64; 2] (offset, length) through
+            // the pointer, which points at a live local; the descriptor is open.
+            unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) == 0 }
+        } else {
+            match (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+                (Ok(o), Ok(l)) => {
+                    // SAFETY: fallocate takes plain integers; the descriptor is open.
+                    unsafe {
+                        libc::fallocate(
+                            fd,
+                            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                            o,
+                            l,
+                        ) == 0
+                    }
+                }
+                _ => false,
+            }
+        };
+        if done {
+            return Ok(());
+        }
+        // Fall back to writing zeros.
+        const CHUNK: u64 = 1 << 20;
+        let zeros = IoBuf::zeroed(CHUNK as usize);
+        let mut at = off;
+        while at < off + len {
+            let n = CHUNK.min(off + len - at) as usize;
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(|e| self.err("write zeros", e))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> PoolError {
+    PoolError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
