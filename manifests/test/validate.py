@@ -814,6 +814,22 @@ def test_selectors():
     check(errors)
 
 
+def test_volumes_consistent():
+    """Every mount names a volume of its pod, and every volume is mounted."""
+    errors = []
+    for w in workloads(all_docs()):
+        spec = pod_spec(w)
+        defined = {v["name"] for v in spec.get("volumes", [])}
+        mounted = {m["name"] for c in containers(spec) for m in c.get("volumeMounts", [])}
+        if w.kind == "StatefulSet":
+            defined |= {t["metadata"]["name"] for t in w.obj["spec"].get("volumeClaimTemplates", [])}
+        for name in sorted(mounted - defined):
+            errors.append(f"{w.where()}: mounts undefined volume {name}")
+        for name in sorted(defined - mounted):
+            errors.append(f"{w.where()}: volume {name} is never mounted")
+    check(errors)
+
+
 def test_pool_config():
     """--pool-config is a key of a mounted ConfigMap, in the format the agent reads."""
     _, spec, agent = cairn_binary_container("cairn-agent")
