@@ -1,0 +1,410 @@
+//! The cluster store: etcd's v3 KV API.
+//!
+//! A key's version is its etcd `mod_revision`, the cluster-wide revision of
+//! its last write, so versions only grow and a deleted and re-created key
+//! never reuses an old one. [`Store::compare_and_put`] is one etcd
+//! transaction: `mod_revision == expected`, or `create_revision == 0` (the
+//! key is absent) when `expected` is 0.
+//!
+//! Every operation is bounded by the store's timeout: when no endpoint
+//! answers, the call fails with [`StoreError::Unavailable`] rather than
+//! waiting for etcd to come back. The client reconnects by itself, so the
+//! same [`EtcdStore`] works again once etcd does.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, ResponseHeader, Txn, TxnOp,
+};
+
+use super::{Store, StoreError, Versioned};
+
+/// How long one operation may take when the caller gives no timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The scheme of a store spec naming etcd: `etcd://host:port[,host:port...]`.
+pub const SPEC_SCHEME: &str = "etcd://";
+
+/// Largest response the store accepts (a `list` of many records).
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// A store spec that does not name etcd endpoints.
+#[derive(Debug, thiserror::Error)]
+#[error("bad etcd store spec {spec:?}: {reason}")]
+pub struct SpecError {
+    pub spec: String,
+    pub reason: String,
+}
+
+/// Parses `etcd://h1:p1,etcd://h2:p2` or `etcd://h1:p1,h2:p2` into client
+/// URLs (`http://h1:p1`, ...). Hosts may be names, IPv4 addresses or
+/// bracketed IPv6 addresses; every endpoint needs an explicit port.
+pub fn parse_spec(spec: &str) -> Result<Vec<String>, SpecError> {
+    let bad = |reason: String| SpecError {
+        spec: spec.to_owned(),
+        reason,
+    };
+    let rest = spec
+        .strip_prefix(SPEC_SCHEME)
+        .ok_or_else(|| bad(format!("does not start with {SPEC_SCHEME}")))?;
+    let mut endpoints = Vec::new();
+    for part in rest.split(',') {
+        let part = part.trim();
+        let hostport = part.strip_prefix(SPEC_SCHEME).unwrap_or(part);
+        let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+        if hostport.is_empty() {
+            return Err(bad("empty endpoint".into()));
+        }
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| bad(format!("endpoint {hostport:?} has no port")))?;
+        let host_ok = if let Some(inner) = host.strip_prefix('[') {
+            inner
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        } else {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        };
+        if !host_ok {
+            return Err(bad(format!("endpoint {hostport:?} has a bad host")));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => {}
+            _ => return Err(bad(format!("endpoint {hostport:?} has a bad port"))),
+        }
+        endpoints.push(format!("http://{host}:{port}"));
+    }
+    Ok(endpoints)
+}
+
+/// Opens the etcd store named by a spec such as `etcd://10.0.0.1:2379,10.0.0.2:2379`,
+/// with [`DEFAULT_TIMEOUT`]. Fails with [`StoreError::Unavailable`] when the
+/// spec is malformed or no endpoint answers.
+pub async fn open_etcd(spec: &str) -> Result<EtcdStore, StoreError> {
+    let endpoints = parse_spec(spec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    EtcdStore::connect(&endpoints, None).await
+}
+
+/// A store in an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    timeout: Duration,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A version as etcd compares it, or `None` for one no key can have.
+fn revision(version: u64) -> Option<i64> {
+    i64::try_from(version).ok()
+}
+
+/// An etcd revision as a store version. etcd revisions start at 1 and
+/// never go negative; a negative one means the reply is broken.
+fn version(key: &str, revision: i64) -> Result<u64, StoreError> {
+    u64::try_from(revision)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| StoreError::Corrupt(format!("etcd returned revision {revision} for {key}")))
+}
+
+fn header_version(key: &str, header: Option<&ResponseHeader>) -> Result<u64, StoreError> {
+    let header = header
+        .ok_or_else(|| StoreError::Unavailable(format!("etcd reply for {key} has no header")))?;
+    version(key, header.revision())
+}
+
+impl EtcdStore {
+    /// Connects to the etcd cluster at `endpoints` (`http://host:port`) and
+    /// checks that it answers. `timeout` bounds every operation, this one
+    /// included ([`DEFAULT_TIMEOUT`] if `None`).
+    pub async fn connect(
+        endpoints: &[impl AsRef<str>],
+        timeout: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_owned()).collect();
+        if endpoints.is_empty() {
+            return Err(StoreError::Unavailable("no etcd endpoints given".into()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(10), timeout);
+        let client = tokio::time::timeout(timeout, Client::connect(&endpoints, Some(options)))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("etcd at {endpoints:?}: connect timed out"))
+            })?
+            .map_err(|e| StoreError::Unavailable(format!("etcd at {endpoints:?}: {e}")))?;
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let store = EtcdStore {
+            kv,
+            timeout,
+            endpoints,
+        };
+        // The client connects lazily; one read tells a wrong address or a
+        // stopped cluster now rather than at the first real operation.
+        store
+            .bounded("connect", |mut kv| async move {
+                kv.get("/", Some(GetOptions::new().with_count_only())).await
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable(m) => {
+                    StoreError::Unavailable(format!("etcd at {:?}: {m}", store.endpoints))
+                }
+                other => other,
+            })?;
+        Ok(store)
+    }
+
+    /// The endpoints this store was opened with.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The bound on each operation.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs one request on a clone of the KV client, bounded by the
+    /// store's timeout; every failure is [`StoreError::Unavailable`].
+    async fn bounded<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, f(self.kv.clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd {what}: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd {what}: no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let resp = self
+            .bounded("get", |mut kv| async move { kv.get(key, None).await })
+            .await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some(Versioned {
+                value: kv.value().to_vec(),
+                version: version(key, kv.mod_revision())?,
+            })),
+        }
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        let resp = self
+            .bounded("put", |mut kv| async move { kv.put(key, value, None).await })
+            .await?;
+        header_version(key, resp.header())
+    }
+
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let compare = if expected == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            match revision(expected) {
+                Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+                // No key is ever at a version etcd cannot even express.
+                None => return Ok(None),
+            }
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key, value, None)]);
+        let resp = self
+            .bounded("compare-and-put", |mut kv| async move { kv.txn(txn).await })
+            .await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_version(key, resp.header()).map(Some)
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let resp = self
+            .bounded("delete", |mut kv| async move { kv.delete(key, None).await })
+            .await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        // etcd returns a range in ascending key (byte) order by default,
+        // which is the order of the keys as strings.
+        let resp = self
+            .bounded("list", |mut kv| async move {
+                kv.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv
+                    .key_str()
+                    .map_err(|e| StoreError::Decode {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        reason: format!("key is not UTF-8: {e}"),
+                    })?
+                    .to_owned();
+                let version = version(&key, kv.mod_revision())?;
+                Ok((
+                    key,
+                    Versioned {
+                        value: kv.value().to_vec(),
+                        version,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_forms_parse_to_http_endpoints() {
+        assert_eq!(
+            parse_spec("etcd://127.0.0.1:2379").unwrap(),
+            vec!["http://127.0.0.1:2379"]
+        );
+        assert_eq!(
+            parse_spec("etcd://a:1,etcd://b.example:2").unwrap(),
+            vec!["http://a:1", "http://b.example:2"]
+        );
+        assert_eq!(
+            parse_spec("etcd://a:1, b:2,[::1]:3").unwrap(),
+            vec!["http://a:1", "http://b:2", "http://[::1]:3"]
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        for spec in [
+            "",
+            "etcd://",
+            "http://a:1",
+            "etcd://a",
+            "etcd://a:",
+            "etcd://a:0",
+            "etcd://a:70000",
+            "etcd://a:1,",
+            "etcd://:1",
+            "etcd://a b:1",
+            "etcd://[zz]:1",
+            "etcd://a:1,etcd://",
+        ] {
+            assert!(parse_spec(spec).is_err(), "{spec:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn versions_beyond_etcd_range_never_match() {
+        assert_eq!(revision(u64::MAX), None);
+        assert_eq!(revision(7), Some(7));
+        assert!(version("/k", 0).is_err());
+        assert!(version("/k", -3).is_err());
+        assert_eq!(version("/k", 9).unwrap(), 9);
+    }
+
+    /// One etcd server on free loopback ports, started by
+    /// `scripts/start-etcd.sh` and killed when dropped.
+    struct Etcd {
+        pid: String,
+        _dir: tempfile::TempDir,
+        client_url: String,
+    }
+
+    impl Etcd {
+        fn start() -> Etcd {
+            let dir = tempfile::tempdir().unwrap();
+            let free = || {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            };
+            let (client, peer) = (free(), free());
+            let script =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/start-etcd.sh");
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .arg(dir.path().join("data"))
+                .arg(client.to_string())
+                .arg(peer.to_string())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "start-etcd.sh failed (install etcd with `apt-get install -y etcd-server`):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Etcd {
+                pid: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                _dir: dir,
+                client_url: format!("http://127.0.0.1:{client}"),
+            }
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.pid])
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn etcd_store_conforms() {
+        let etcd = Etcd::start();
+        let store = EtcdStore::connect(&[&etcd.client_url], Some(Duration::from_secs(3)))
+            .await
+            .unwrap();
+        crate::store::conformance::run(&store).await;
+
+        // Versions are etcd revisions: a re-created key gets a new, larger one.
+        let before = store.get("/a").await.unwrap().unwrap().version;
+        assert!(store.delete("/a").await.unwrap());
+        let again = store.compare_and_put("/a", b"back", 0).await.unwrap().unwrap();
+        assert!(again > before);
+        assert_eq!(store.compare_and_put("/a", b"x", before).await.unwrap(), None);
+        assert_eq!(store.compare_and_put("/a", b"x", u64::MAX).await.unwrap(), None);
+
+        // The empty prefix lists everything, in key order.
+        let all: Vec<String> = store.list("").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(all, vec!["/a", "/b", "/p/2", "/q/1"]);
+    }
+}
