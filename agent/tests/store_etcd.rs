@@ -75,6 +75,16 @@ impl Etcd {
         self.pid = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
     }
 
+    /// Sends `signal` (a `kill` name such as `STOP`) to the server.
+    fn signal(&self, signal: &str) {
+        let pid = self.pid.as_deref().expect("etcd is not running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     /// SIGKILLs the server and waits until its client port is closed.
     fn kill(&mut self) {
         let Some(pid) = self.pid.take() else { return };
@@ -82,7 +92,10 @@ impl Etcd {
         assert!(status.success(), "kill {pid} failed");
         let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect_timeout(&self.client_addr(), Duration::from_millis(100)).is_ok() {
-            assert!(Instant::now() < deadline, "etcd {pid} still listens after SIGKILL");
+            assert!(
+                Instant::now() < deadline,
+                "etcd {pid} still listens after SIGKILL"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -91,6 +104,7 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Some(pid) = self.pid.take() {
+            // A stopped process dies on SIGKILL too.
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
         }
     }
@@ -105,11 +119,11 @@ async fn fails_fast<T: std::fmt::Debug>(
     // The outer limit turns a hang into a failure instead of a stuck test.
     let result = tokio::time::timeout(OP_TIMEOUT * 3, op)
         .await
-        .unwrap_or_else(|_| panic!("{what} hung while etcd was down"));
+        .unwrap_or_else(|_| panic!("{what} hung while etcd was unreachable"));
     let took = started.elapsed();
     match result {
         Err(StoreError::Unavailable(_)) => {}
-        other => panic!("{what} with etcd down gave {other:?}, not Unavailable"),
+        other => panic!("{what} with etcd unreachable gave {other:?}, not Unavailable"),
     }
     assert!(
         took <= OP_TIMEOUT + Duration::from_millis(500),
@@ -121,8 +135,7 @@ async fn fails_fast<T: std::fmt::Debug>(
 #[tokio::test]
 async fn outage_fails_fast_and_restart_keeps_the_data() {
     let mut etcd = Etcd::start();
-    let endpoints = [format!("http://127.0.0.1:{}", etcd.client_port)];
-    let store = EtcdStore::connect(&endpoints, Some(OP_TIMEOUT)).await.unwrap();
+    let store = open_etcd_with(&etcd, OP_TIMEOUT).await;
 
     let v_vol = store.put("/v1/volumes/a", b"volume a").await.unwrap();
     let v_node = store
@@ -178,7 +191,10 @@ async fn outage_fails_fast_and_restart_keeps_the_data() {
 
     // Versions carry on across the restart: the old one still guards writes.
     assert_eq!(
-        store.compare_and_put("/v1/volumes/a", b"x", v_vol + 1).await.unwrap(),
+        store
+            .compare_and_put("/v1/volumes/a", b"x", v_vol + 1)
+            .await
+            .unwrap(),
         None
     );
     let v_new = store
@@ -193,7 +209,51 @@ async fn outage_fails_fast_and_restart_keeps_the_data() {
         .await
         .unwrap();
     let got = reopened.get("/v1/volumes/a").await.unwrap().unwrap();
-    assert_eq!((got.value.as_slice(), got.version), (&b"volume a2"[..], v_new));
+    assert_eq!(
+        (got.value.as_slice(), got.version),
+        (&b"volume a2"[..], v_new)
+    );
+}
+
+#[tokio::test]
+async fn frozen_etcd_times_out_then_recovers() {
+    // A stopped server keeps its connections open but never answers: only
+    // the store's own bound ends the wait.
+    let etcd = Etcd::start();
+    let store = open_etcd_with(&etcd, OP_TIMEOUT).await;
+    let v = store.put("/v1/k", b"before").await.unwrap();
+
+    etcd.signal("STOP");
+    let took_get = fails_fast("get", store.get("/v1/k")).await;
+    let took_cas = fails_fast("compare_and_put", store.compare_and_put("/v1/k", b"x", v)).await;
+    println!("frozen etcd: get failed after {took_get:?}, compare_and_put after {took_cas:?}");
+    assert!(took_get >= OP_TIMEOUT - Duration::from_millis(100));
+    etcd.signal("CONT");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        match store.get("/v1/k").await {
+            Ok(got) => break got,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "store did not recover: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // The timed-out compare-and-put may or may not have reached etcd before
+    // it froze; either way the key holds one of the two values, consistently.
+    let got = got.unwrap();
+    if got.version == v {
+        assert_eq!(got.value, b"before");
+    } else {
+        assert!(got.version > v);
+        assert_eq!(got.value, b"x");
+    }
+}
+
+async fn open_etcd_with(etcd: &Etcd, timeout: Duration) -> EtcdStore {
+    let endpoints = [format!("http://127.0.0.1:{}", etcd.client_port)];
+    EtcdStore::connect(&endpoints, Some(timeout)).await.unwrap()
 }
 
 #[tokio::test]
@@ -205,7 +265,10 @@ async fn nothing_listening_is_unavailable_not_a_hang() {
         Some(Duration::from_secs(1)),
     )
     .await;
-    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 
     for bad in ["etcd://", "etcd://host", "file:///x", "etcd://a:1,,b:2"] {

@@ -218,7 +218,10 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
         let resp = self
-            .bounded("put", |mut kv| async move { kv.put(key, value, None).await })
+            .bounded(
+                "put",
+                |mut kv| async move { kv.put(key, value, None).await },
+            )
             .await?;
         header_version(key, resp.header())
     }
@@ -398,13 +401,29 @@ mod tests {
         // Versions are etcd revisions: a re-created key gets a new, larger one.
         let before = store.get("/a").await.unwrap().unwrap().version;
         assert!(store.delete("/a").await.unwrap());
-        let again = store.compare_and_put("/a", b"back", 0).await.unwrap().unwrap();
+        let again = store
+            .compare_and_put("/a", b"back", 0)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(again > before);
-        assert_eq!(store.compare_and_put("/a", b"x", before).await.unwrap(), None);
-        assert_eq!(store.compare_and_put("/a", b"x", u64::MAX).await.unwrap(), None);
+        assert_eq!(
+            store.compare_and_put("/a", b"x", before).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.compare_and_put("/a", b"x", u64::MAX).await.unwrap(),
+            None
+        );
 
         // The empty prefix lists everything, in key order.
-        let all: Vec<String> = store.list("").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        let all: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(all, vec!["/a", "/b", "/p/2", "/q/1"]);
     }
 }
