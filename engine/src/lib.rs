@@ -5,4 +5,7 @@
 //! io_uring reactors. The gRPC control API runs on a separate tokio runtime
 //! and reaches the data path only through the target's registry.
 
+pub mod initiator;
 pub mod nexus;
+pub mod reactor;
+pub mod target;

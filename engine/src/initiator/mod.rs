@@ -1,0 +1,1 @@
+//! NVMe-oF/TCP initiator.
