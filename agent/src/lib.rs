@@ -1,1 +1,39 @@
-//! cairn-agent
+//! The Cairn agent: one per node, and the cluster's control logic.
+//!
+//! - [`node`]: brings the node's pools up on its engine and keeps the node's
+//!   registration (address, host NQN, topology, pools) fresh in the store.
+//! - [`control`]: placement and volume operations (create, delete, publish,
+//!   unpublish, resize), idempotent and restartable.
+//! - [`store`]: the state store trait and its implementations.
+//! - [`service`]: the Control gRPC API that the CSI controller and cairnctl
+//!   call.
+
+pub mod control;
+pub mod error;
+pub mod model;
+pub mod node;
+pub mod service;
+pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opens the state store named by `spec`: a file path (the embedded store),
+/// `file://PATH`, or `etcd://host:port[,host:port...]`.
+pub async fn open_store(spec: &str) -> Result<Arc<dyn store::Store>, store::StoreError> {
+    if spec.starts_with("etcd://") {
+        return Err(store::StoreError::Unavailable(format!(
+            "{spec}: etcd support is not built in"
+        )));
+    }
+    let path = spec.strip_prefix("file://").unwrap_or(spec);
+    Ok(Arc::new(store::file::FileStore::open(Path::new(path))?))
+}
+
+/// The host NQN of this machine's kernel initiator, from /etc/nvme/hostnqn.
+pub fn system_host_nqn() -> Option<String> {
+    std::fs::read_to_string("/etc/nvme/hostnqn")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}

@@ -1,0 +1,608 @@
+//! The cluster control logic: volume operations over the registered nodes'
+//! engines, with the desired state recorded in the store first.
+//!
+//! Every operation is idempotent and restartable: a volume record is written
+//! in the `Creating` or `Deleting` phase before any engine is touched, so an
+//! operation cut short by a crash is finished (or undone) by its retry.
+//! Operations on one volume are serialised; a concurrent second one is
+//! refused with `Busy` (CSI's ABORTED) rather than queued.
+
+pub mod placement;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_proto::engine::v1 as pb;
+use pb::engine_client::EngineClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::error::ControlError;
+use crate::model::{
+    decode, encode, volume_id_for_name, volume_nqn, NodeRecord, Record, ReplicaSpec, TargetSpec,
+    VolumePhase, VolumeSpec,
+};
+use crate::store::Store;
+use placement::{place, PlacementRequest, Segment};
+
+/// Tunables of the control logic.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// A node whose heartbeat is older than this is offline.
+    pub node_lease: Duration,
+    /// Thin replicas may commit this percentage of a pool's capacity.
+    pub overcommit_pct: u64,
+    /// Deadline of one engine call.
+    pub engine_timeout: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            node_lease: Duration::from_secs(15),
+            overcommit_pct: 1000,
+            engine_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A request to create a volume.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    pub replicas: u32,
+    pub thin: bool,
+    pub requisite: Vec<Segment>,
+    pub preferred: Vec<Segment>,
+}
+
+/// The control logic.
+#[derive(Clone)]
+pub struct Control {
+    store: Arc<dyn Store>,
+    cfg: ControlConfig,
+    engines: Arc<Mutex<HashMap<String, EngineClient<Channel>>>>,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Holds a volume's operation slot until dropped.
+struct VolumeGuard {
+    busy: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        self.busy.lock().expect("poisoned").remove(&self.id);
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn engine_err(node: &str) -> impl Fn(tonic::Status) -> ControlError + '_ {
+    move |status| ControlError::Engine {
+        node: node.to_owned(),
+        status,
+    }
+}
+
+impl Control {
+    pub fn new(store: Arc<dyn Store>, cfg: ControlConfig) -> Self {
+        Control {
+            store,
+            cfg,
+            engines: Arc::default(),
+            busy: Arc::default(),
+        }
+    }
+
+    /// The store this control logic records its state in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn lock(&self, id: &str) -> Result<VolumeGuard, ControlError> {
+        let mut busy = self.busy.lock().expect("poisoned");
+        if !busy.insert(id.to_owned()) {
+            return Err(ControlError::Busy { id: id.to_owned() });
+        }
+        Ok(VolumeGuard {
+            busy: self.busy.clone(),
+            id: id.to_owned(),
+        })
+    }
+
+    /// Whether a node's heartbeat is recent enough.
+    pub fn is_online(&self, node: &NodeRecord) -> bool {
+        now_secs().saturating_sub(node.last_seen) <= self.cfg.node_lease.as_secs() as i64
+    }
+
+    // ---- records -------------------------------------------------------
+
+    async fn load<T: Record>(&self, id: &str) -> Result<Option<(T, u64)>, ControlError> {
+        let key = T::key_of(id);
+        match self.store.get(&key).await? {
+            Some(v) => Ok(Some((decode(&key, &v.value)?, v.version))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save<T: Record>(&self, rec: &T) -> Result<(), ControlError> {
+        self.store.put(&T::key_of(rec.id()), &encode(rec)).await?;
+        Ok(())
+    }
+
+    async fn list_records<T: Record>(&self) -> Result<Vec<T>, ControlError> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(&T::prefix()).await? {
+            out.push(decode(&key, &v.value)?);
+        }
+        Ok(out)
+    }
+
+    /// Records (or refreshes) a node's registration.
+    pub async fn register_node(&self, node: &NodeRecord) -> Result<(), ControlError> {
+        self.save(node).await
+    }
+
+    /// Every registered node.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
+        self.list_records().await
+    }
+
+    async fn node(&self, id: &str) -> Result<NodeRecord, ControlError> {
+        self.load::<NodeRecord>(id)
+            .await?
+            .map(|(n, _)| n)
+            .ok_or(ControlError::NotFound {
+                kind: "node",
+                id: id.to_owned(),
+            })
+    }
+
+    /// A volume by id.
+    pub async fn volume(&self, id: &str) -> Result<VolumeSpec, ControlError> {
+        self.load::<VolumeSpec>(id)
+            .await?
+            .map(|(v, _)| v)
+            .ok_or(ControlError::NotFound {
+                kind: "volume",
+                id: id.to_owned(),
+            })
+    }
+
+    /// Every volume, in id order.
+    pub async fn volumes(&self) -> Result<Vec<VolumeSpec>, ControlError> {
+        self.list_records().await
+    }
+
+    // ---- engines -------------------------------------------------------
+
+    fn engine(&self, node: &NodeRecord) -> Result<EngineClient<Channel>, ControlError> {
+        let mut engines = self.engines.lock().expect("poisoned");
+        if let Some(c) = engines.get(&node.engine_endpoint) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(node.engine_endpoint.clone())
+            .map_err(|e| ControlError::Engine {
+                node: node.id.clone(),
+                status: tonic::Status::invalid_argument(format!(
+                    "bad engine endpoint {}: {e}",
+                    node.engine_endpoint
+                )),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(self.cfg.engine_timeout);
+        let client = EngineClient::new(ep.connect_lazy());
+        engines.insert(node.engine_endpoint.clone(), client.clone());
+        Ok(client)
+    }
+
+    async fn create_replica(
+        &self,
+        node: &NodeRecord,
+        r: &ReplicaSpec,
+        vol: &VolumeSpec,
+    ) -> Result<(), ControlError> {
+        let mut engine = self.engine(node)?;
+        engine
+            .create_replica(pb::CreateReplicaRequest {
+                uuid: r.uuid.clone(),
+                name: vol.name.clone(),
+                pool: r.pool.clone(),
+                size_bytes: vol.size_bytes,
+                thin: vol.thin,
+            })
+            .await
+            .map_err(engine_err(&node.id))?;
+        Ok(())
+    }
+
+    async fn destroy_replica(&self, r: &ReplicaSpec) -> Result<(), ControlError> {
+        let node = match self.node(&r.node).await {
+            Ok(n) => n,
+            // A node that left the cluster took its replicas with it.
+            Err(ControlError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut engine = self.engine(&node)?;
+        match engine
+            .destroy_replica(pb::DestroyReplicaRequest {
+                uuid: r.uuid.clone(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(engine_err(&node.id)(s)),
+        }
+    }
+
+    // ---- volume operations ---------------------------------------------
+
+    /// Creates a volume, or returns the existing one with the same name and
+    /// parameters. Finishes a creation that an earlier crash cut short.
+    pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeSpec, ControlError> {
+        if req.name.is_empty() {
+            return Err(ControlError::InvalidArgument("volume name is empty".into()));
+        }
+        if req.size_bytes == 0 {
+            return Err(ControlError::InvalidArgument("volume size is zero".into()));
+        }
+        if req.replicas == 0 {
+            return Err(ControlError::InvalidArgument(
+                "replica count is zero".into(),
+            ));
+        }
+        let id = volume_id_for_name(&req.name);
+        let _guard = self.lock(&id)?;
+        let mut vol = match self.load::<VolumeSpec>(&id).await? {
+            Some((v, _)) if v.phase == VolumePhase::Deleting => {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "volume {} is being deleted",
+                    v.name
+                )))
+            }
+            Some((v, _)) => {
+                if v.size_bytes != req.size_bytes
+                    || v.replicas_wanted != req.replicas
+                    || v.thin != req.thin
+                {
+                    return Err(ControlError::AlreadyExists {
+                        name: req.name,
+                        existing: format!(
+                            "size {} bytes, {} replica(s), thin={}",
+                            v.size_bytes, v.replicas_wanted, v.thin
+                        ),
+                    });
+                }
+                v
+            }
+            None => {
+                let nodes = self.nodes().await?;
+                let chosen = place(
+                    &nodes,
+                    |n| self.is_online(n),
+                    &PlacementRequest {
+                        size: req.size_bytes,
+                        count: req.replicas,
+                        thin: req.thin,
+                        overcommit_pct: self.cfg.overcommit_pct,
+                        requisite: req.requisite.clone(),
+                        preferred: req.preferred.clone(),
+                        exclude: vec![],
+                    },
+                )
+                .map_err(|reason| ControlError::NoCapacity {
+                    wanted: req.replicas,
+                    size: req.size_bytes,
+                    reason,
+                })?;
+                let topology = nodes
+                    .iter()
+                    .find(|n| n.id == chosen[0].node)
+                    .map(|n| n.topology.clone())
+                    .unwrap_or_default();
+                let vol = VolumeSpec {
+                    id: id.clone(),
+                    name: req.name.clone(),
+                    size_bytes: req.size_bytes,
+                    replicas_wanted: req.replicas,
+                    thin: req.thin,
+                    phase: VolumePhase::Creating,
+                    replicas: chosen
+                        .into_iter()
+                        .map(|p| ReplicaSpec {
+                            uuid: uuid::Uuid::new_v4().to_string(),
+                            node: p.node,
+                            pool: p.pool,
+                            healthy: true,
+                        })
+                        .collect(),
+                    target: None,
+                    topology,
+                };
+                // Intent first: a crash after this point leaves a record that
+                // the retry finishes or a delete cleans up.
+                self.save(&vol).await?;
+                vol
+            }
+        };
+        if vol.phase == VolumePhase::Creating {
+            for r in &vol.replicas {
+                let node = self.node(&r.node).await?;
+                self.create_replica(&node, r, &vol).await?;
+            }
+            vol.phase = VolumePhase::Ready;
+            self.save(&vol).await?;
+            tracing::info!(volume = %vol.id, name = %vol.name, replicas = vol.replicas.len(), "volume created");
+        }
+        Ok(vol)
+    }
+
+    /// Deletes a volume and its replicas. Deleting an unknown volume succeeds.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ControlError> {
+        let _guard = self.lock(id)?;
+        let Some((mut vol, _)) = self.load::<VolumeSpec>(id).await? else {
+            return Ok(());
+        };
+        if vol.phase != VolumePhase::Deleting {
+            vol.phase = VolumePhase::Deleting;
+            self.save(&vol).await?;
+        }
+        if let Some(t) = vol.target.clone() {
+            self.destroy_nexus(&t.node, id).await?;
+        }
+        for r in &vol.replicas {
+            self.destroy_replica(r).await?;
+        }
+        self.store.delete(&VolumeSpec::key_of(id)).await?;
+        tracing::info!(volume = %id, "volume deleted");
+        Ok(())
+    }
+
+    async fn destroy_nexus(&self, node_id: &str, id: &str) -> Result<(), ControlError> {
+        let node = match self.node(node_id).await {
+            Ok(n) => n,
+            Err(ControlError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut engine = self.engine(&node)?;
+        match engine
+            .destroy_nexus(pb::DestroyNexusRequest {
+                uuid: id.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(engine_err(&node.id)(s)),
+        }
+    }
+
+    /// Builds the volume's nexus on `node_id` and publishes it to that
+    /// node's host NQN. Idempotent for the same node; another node while
+    /// published is `PublishedElsewhere`.
+    pub async fn publish_volume(
+        &self,
+        id: &str,
+        node_id: &str,
+    ) -> Result<VolumeSpec, ControlError> {
+        let _guard = self.lock(id)?;
+        let mut vol = self.volume(id).await?;
+        if vol.phase != VolumePhase::Ready {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volume {id} is not ready ({:?})",
+                vol.phase
+            )));
+        }
+        if let Some(t) = &vol.target {
+            if t.node != node_id {
+                return Err(ControlError::PublishedElsewhere {
+                    id: id.to_owned(),
+                    node: t.node.clone(),
+                });
+            }
+        }
+        let node = self.node(node_id).await?;
+        let nexus = self.ensure_nexus(&vol, &node).await?;
+        let target = TargetSpec {
+            node: node.id.clone(),
+            nqn: nexus.nqn,
+            address: nexus.address,
+        };
+        if vol.target.as_ref() != Some(&target) {
+            vol.target = Some(target);
+            self.save(&vol).await?;
+        }
+        Ok(vol)
+    }
+
+    /// Creates the nexus on `node` if the engine lacks it (after a publish,
+    /// or an engine restart), sharing remote replicas to that engine.
+    async fn ensure_nexus(
+        &self,
+        vol: &VolumeSpec,
+        node: &NodeRecord,
+    ) -> Result<pb::Nexus, ControlError> {
+        let mut children = Vec::new();
+        for r in vol.replicas.iter().filter(|r| r.healthy) {
+            if r.node == node.id {
+                children.push(format!("replica:///{}", r.uuid));
+                continue;
+            }
+            let holder = self.node(&r.node).await?;
+            let mut engine = self.engine(&holder)?;
+            let shared = engine
+                .share_replica(pb::ShareReplicaRequest {
+                    uuid: r.uuid.clone(),
+                    allowed_hosts: vec![node.engine_host_nqn.clone()],
+                })
+                .await
+                .map_err(engine_err(&holder.id))?
+                .into_inner();
+            children.push(format!(
+                "nvmf://{}/{}",
+                holder.nvmf_address, shared.share_nqn
+            ));
+        }
+        if children.is_empty() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volume {} has no healthy replica",
+                vol.id
+            )));
+        }
+        let mut engine = self.engine(node)?;
+        let nexus = engine
+            .create_nexus(pb::CreateNexusRequest {
+                uuid: vol.id.clone(),
+                size_bytes: vol.size_bytes,
+                children,
+                allowed_hosts: vec![node.host_nqn.clone()],
+            })
+            .await
+            .map_err(engine_err(&node.id))?
+            .into_inner();
+        debug_assert_eq!(nexus.nqn, volume_nqn(&vol.id));
+        Ok(nexus)
+    }
+
+    /// Tears down the volume's nexus. Idempotent; `node_id` empty means
+    /// wherever it is published.
+    pub async fn unpublish_volume(
+        &self,
+        id: &str,
+        node_id: &str,
+    ) -> Result<VolumeSpec, ControlError> {
+        let _guard = self.lock(id)?;
+        let mut vol = match self.volume(id).await {
+            Ok(v) => v,
+            Err(e) => return Err(e),
+        };
+        let Some(t) = vol.target.clone() else {
+            return Ok(vol);
+        };
+        if !node_id.is_empty() && t.node != node_id {
+            // Not published there: nothing to undo on that node.
+            return Ok(vol);
+        }
+        self.destroy_nexus(&t.node, id).await?;
+        for r in vol.replicas.iter().filter(|r| r.node != t.node) {
+            if let Ok(holder) = self.node(&r.node).await {
+                let mut engine = self.engine(&holder)?;
+                match engine
+                    .unshare_replica(pb::UnshareReplicaRequest {
+                        uuid: r.uuid.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(s) if s.code() == Code::NotFound => {}
+                    Err(s) => return Err(engine_err(&holder.id)(s)),
+                }
+            }
+        }
+        vol.target = None;
+        self.save(&vol).await?;
+        Ok(vol)
+    }
+
+    /// Grows every replica of an unpublished volume.
+    pub async fn resize_volume(
+        &self,
+        id: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeSpec, ControlError> {
+        let _guard = self.lock(id)?;
+        let mut vol = self.volume(id).await?;
+        if size_bytes < vol.size_bytes {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volume {id} is {} bytes; shrinking to {size_bytes} is not supported",
+                vol.size_bytes
+            )));
+        }
+        if size_bytes == vol.size_bytes {
+            return Ok(vol);
+        }
+        if let Some(t) = &vol.target {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volume {id} is published on {}; unpublish it to resize",
+                t.node
+            )));
+        }
+        for r in &vol.replicas {
+            let node = self.node(&r.node).await?;
+            let mut engine = self.engine(&node)?;
+            engine
+                .resize_replica(pb::ResizeReplicaRequest {
+                    uuid: r.uuid.clone(),
+                    size_bytes,
+                })
+                .await
+                .map_err(engine_err(&node.id))?;
+        }
+        vol.size_bytes = size_bytes;
+        self.save(&vol).await?;
+        Ok(vol)
+    }
+
+    /// Re-creates the nexuses of volumes published on `node_id` that its
+    /// engine no longer has (for example after the engine restarted).
+    pub async fn restore_published(&self, node_id: &str) -> Result<usize, ControlError> {
+        let node = self.node(node_id).await?;
+        let mut engine = self.engine(&node)?;
+        let present: HashSet<String> = engine
+            .list_nexuses(pb::ListNexusesRequest {})
+            .await
+            .map_err(engine_err(&node.id))?
+            .into_inner()
+            .nexuses
+            .into_iter()
+            .map(|n| n.uuid)
+            .collect();
+        let mut restored = 0;
+        for vol in self.volumes().await? {
+            let Some(t) = &vol.target else { continue };
+            if t.node != node_id || present.contains(&vol.id) {
+                continue;
+            }
+            let Ok(_guard) = self.lock(&vol.id) else {
+                continue;
+            };
+            self.ensure_nexus(&vol, &node).await?;
+            restored += 1;
+            tracing::info!(volume = %vol.id, node = node_id, "nexus restored");
+        }
+        Ok(restored)
+    }
+
+    /// Free bytes for new volumes on online nodes matching `segment`: the
+    /// largest single pool's free space (what one replica can get).
+    pub async fn capacity(
+        &self,
+        segment: &BTreeMap<String, String>,
+    ) -> Result<(u64, u64), ControlError> {
+        let mut total = 0u64;
+        let mut largest = 0u64;
+        for node in self.nodes().await? {
+            if !self.is_online(&node)
+                || !segment.iter().all(|(k, v)| node.topology.get(k) == Some(v))
+            {
+                continue;
+            }
+            for p in &node.pools {
+                let free = p.capacity_bytes.saturating_sub(p.used_bytes);
+                total = total.saturating_add(free);
+                largest = largest.max(free);
+            }
+        }
+        Ok((total, largest))
+    }
+}

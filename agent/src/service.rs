@@ -1,0 +1,241 @@
+//! The agent's Control gRPC service: a thin skin over [`crate::control`].
+
+use cairn_proto::agent::v1 as pb;
+use pb::control_server::Control as ControlApi;
+use tonic::{Request, Response, Status};
+
+use crate::control::placement::Segment;
+use crate::control::{Control, CreateVolume};
+use crate::model::{NodeRecord, VolumePhase, VolumeSpec};
+
+/// Serves [`pb::control_server::ControlServer`].
+pub struct ControlService {
+    control: Control,
+}
+
+impl ControlService {
+    pub fn new(control: Control) -> Self {
+        ControlService { control }
+    }
+
+    /// The tonic server for this service.
+    pub fn server(self) -> pb::control_server::ControlServer<Self> {
+        pb::control_server::ControlServer::new(self)
+    }
+}
+
+fn to_pb_volume(v: VolumeSpec, online: impl Fn(&str) -> bool) -> pb::Volume {
+    let healthy = v
+        .replicas
+        .iter()
+        .filter(|r| r.healthy && online(&r.node))
+        .count();
+    let status = match v.phase {
+        VolumePhase::Creating => "creating",
+        VolumePhase::Deleting => "deleting",
+        VolumePhase::Ready if healthy == 0 => "faulted",
+        VolumePhase::Ready if healthy < v.replicas_wanted as usize => "degraded",
+        VolumePhase::Ready => "online",
+    };
+    pb::Volume {
+        id: v.id,
+        name: v.name,
+        size_bytes: v.size_bytes,
+        replicas_wanted: v.replicas_wanted,
+        thin: v.thin,
+        replicas: v
+            .replicas
+            .into_iter()
+            .map(|r| pb::ReplicaLocation {
+                healthy: r.healthy && online(&r.node),
+                uuid: r.uuid,
+                node: r.node,
+                pool: r.pool,
+            })
+            .collect(),
+        target: v.target.map(|t| pb::Target {
+            node: t.node,
+            nqn: t.nqn,
+            address: t.address,
+        }),
+        status: status.to_owned(),
+        topology: v.topology.into_iter().collect(),
+    }
+}
+
+fn segments(s: Vec<pb::Segment>) -> Vec<Segment> {
+    s.into_iter()
+        .map(|s| s.labels.into_iter().collect())
+        .collect()
+}
+
+impl ControlService {
+    async fn volume_view(&self, v: VolumeSpec) -> Result<pb::Volume, Status> {
+        let nodes = self.control.nodes().await?;
+        let online = |id: &str| {
+            nodes
+                .iter()
+                .any(|n| n.id == id && self.control.is_online(n))
+        };
+        Ok(to_pb_volume(v, online))
+    }
+
+    fn node_view(&self, n: NodeRecord) -> pb::Node {
+        pb::Node {
+            online: self.control.is_online(&n),
+            id: n.id,
+            engine_endpoint: n.engine_endpoint,
+            nvmf_address: n.nvmf_address,
+            host_nqn: n.host_nqn,
+            topology: n.topology.into_iter().collect(),
+            pools: n
+                .pools
+                .into_iter()
+                .map(|p| pb::PoolRecord {
+                    name: p.name,
+                    disk: p.disk,
+                    capacity_bytes: p.capacity_bytes,
+                    used_bytes: p.used_bytes,
+                    committed_bytes: p.committed_bytes,
+                })
+                .collect(),
+            last_seen: n.last_seen,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ControlApi for ControlService {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.control.nodes().await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.into_iter().map(|n| self.node_view(n)).collect(),
+        }))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let (requisite, preferred) = match r.topology {
+            Some(t) => (segments(t.requisite), segments(t.preferred)),
+            None => (vec![], vec![]),
+        };
+        let v = self
+            .control
+            .create_volume(CreateVolume {
+                name: r.name,
+                size_bytes: r.size_bytes,
+                replicas: r.replicas,
+                thin: r.thin,
+                requisite,
+                preferred,
+            })
+            .await?;
+        Ok(Response::new(self.volume_view(v).await?))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        self.control.delete_volume(&req.into_inner().id).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self.control.volume(&req.into_inner().id).await?;
+        Ok(Response::new(self.volume_view(v).await?))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        let all = self.control.volumes().await?;
+        // The token is the id of the first volume of the next page; volumes
+        // are listed in id order, so pages stay stable under inserts.
+        let start = if r.starting_token.is_empty() {
+            0
+        } else {
+            if uuid::Uuid::parse_str(&r.starting_token).is_err() {
+                return Err(Status::aborted(format!(
+                    "invalid starting token {:?}",
+                    r.starting_token
+                )));
+            }
+            all.iter()
+                .position(|v| v.id.as_str() >= r.starting_token.as_str())
+                .unwrap_or(all.len())
+        };
+        let max = if r.max_entries == 0 {
+            usize::MAX
+        } else {
+            r.max_entries as usize
+        };
+        let page: Vec<VolumeSpec> = all.iter().skip(start).take(max).cloned().collect();
+        let next_token = all
+            .get(start + page.len())
+            .map(|v| v.id.clone())
+            .unwrap_or_default();
+        let mut volumes = Vec::with_capacity(page.len());
+        for v in page {
+            volumes.push(self.volume_view(v).await?);
+        }
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes,
+            next_token,
+        }))
+    }
+
+    async fn publish_volume(
+        &self,
+        req: Request<pb::PublishVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.control.publish_volume(&r.id, &r.node).await?;
+        Ok(Response::new(self.volume_view(v).await?))
+    }
+
+    async fn unpublish_volume(
+        &self,
+        req: Request<pb::UnpublishVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.control.unpublish_volume(&r.id, &r.node).await?;
+        Ok(Response::new(self.volume_view(v).await?))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<pb::ResizeVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.control.resize_volume(&r.id, r.size_bytes).await?;
+        Ok(Response::new(self.volume_view(v).await?))
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        let seg = req
+            .into_inner()
+            .segment
+            .map(|s| s.labels.into_iter().collect())
+            .unwrap_or_default();
+        let (available, largest) = self.control.capacity(&seg).await?;
+        Ok(Response::new(pb::GetCapacityResponse {
+            available_bytes: available,
+            maximum_volume_size: largest,
+        }))
+    }
+}
