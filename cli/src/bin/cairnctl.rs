@@ -1,0 +1,350 @@
+//! `cairnctl`: inspect and drive a Cairn cluster through its agents.
+
+use anyhow::Context;
+use cairn_cli::table::{human_bytes, parse_size, Table};
+use cairn_proto::agent::v1 as apb;
+use cairn_proto::engine::v1 as epb;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// Cairn command-line client.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// An agent's Control API endpoint.
+    #[arg(
+        long,
+        env = "CAIRN_AGENT",
+        default_value = "http://127.0.0.1:10125",
+        global = true
+    )]
+    agent: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Nodes and their health.
+    #[command(subcommand)]
+    Node(ListOnly),
+    /// Pools on every node.
+    #[command(subcommand)]
+    Pool(ListOnly),
+    /// Replicas on every node.
+    #[command(subcommand)]
+    Replica(ListOnly),
+    /// Nexuses on every node, with their children's states.
+    #[command(subcommand)]
+    Nexus(ListOnly),
+    /// Volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ListOnly {
+    /// List them.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Get { id: String },
+    /// Create a volume (idempotent by name).
+    Create {
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Number of replicas, each on its own node.
+        #[arg(long, default_value_t = 1)]
+        repl: u32,
+        /// Allocate all space up front.
+        #[arg(long)]
+        thick: bool,
+    },
+    /// Delete a volume and its replicas.
+    Delete { id: String },
+    /// Publish a volume's nexus on a node.
+    Publish {
+        id: String,
+        #[arg(long)]
+        node: String,
+    },
+    /// Unpublish a volume.
+    Unpublish { id: String },
+    /// Grow a volume.
+    Resize {
+        id: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("cairnctl: {}", cairn_cli::one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+async fn control(url: &str) -> anyhow::Result<apb::control_client::ControlClient<Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("bad agent endpoint {url}"))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the agent at {url}"))?;
+    Ok(apb::control_client::ControlClient::new(ch))
+}
+
+async fn engines(
+    ctl: &mut apb::control_client::ControlClient<Channel>,
+) -> anyhow::Result<Vec<(String, epb::engine_client::EngineClient<Channel>)>> {
+    let nodes = ctl
+        .list_nodes(apb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    let mut out = Vec::new();
+    for n in nodes.into_iter().filter(|n| n.online) {
+        let ch = tonic::transport::Endpoint::from_shared(n.engine_endpoint.clone())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect_lazy();
+        out.push((n.id, epb::engine_client::EngineClient::new(ch)));
+    }
+    Ok(out)
+}
+
+fn volume_row(t: &mut Table, v: &apb::Volume) {
+    let target = v
+        .target
+        .as_ref()
+        .map(|t| Value::from(format!("{} {}", t.node, t.address)));
+    let replicas: Vec<String> = v
+        .replicas
+        .iter()
+        .map(|r| format!("{}{}", r.node, if r.healthy { "" } else { "(faulted)" }))
+        .collect();
+    t.row(vec![
+        v.id.clone().into(),
+        v.name.clone().into(),
+        human_bytes(v.size_bytes).into(),
+        v.replicas_wanted.into(),
+        replicas.join(",").into(),
+        v.status.clone().into(),
+        target.unwrap_or(Value::Null),
+    ]);
+}
+
+const VOLUME_HEADERS: &[&str] = &["id", "name", "size", "repl", "replicas", "status", "target"];
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut ctl = control(&cli.agent).await?;
+    match cli.cmd {
+        Cmd::Node(ListOnly::List) => {
+            let nodes = ctl
+                .list_nodes(apb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            let mut t = Table::new(&["id", "online", "nvmf", "engine", "pools", "host_nqn"]);
+            for n in nodes {
+                t.row(vec![
+                    n.id.into(),
+                    n.online.into(),
+                    n.nvmf_address.into(),
+                    n.engine_endpoint.into(),
+                    n.pools.len().into(),
+                    n.host_nqn.into(),
+                ]);
+            }
+            t.print(cli.json);
+        }
+        Cmd::Pool(ListOnly::List) => {
+            let nodes = ctl
+                .list_nodes(apb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            let mut t = Table::new(&["node", "name", "disk", "capacity", "used", "committed"]);
+            for n in nodes {
+                for p in n.pools {
+                    t.row(vec![
+                        n.id.clone().into(),
+                        p.name.into(),
+                        p.disk.into(),
+                        human_bytes(p.capacity_bytes).into(),
+                        human_bytes(p.used_bytes).into(),
+                        human_bytes(p.committed_bytes).into(),
+                    ]);
+                }
+            }
+            t.print(cli.json);
+        }
+        Cmd::Replica(ListOnly::List) => {
+            let mut t = Table::new(&[
+                "node",
+                "uuid",
+                "pool",
+                "size",
+                "thin",
+                "allocated",
+                "shared",
+            ]);
+            for (node, mut e) in engines(&mut ctl).await? {
+                let reps = e
+                    .list_replicas(epb::ListReplicasRequest::default())
+                    .await
+                    .with_context(|| format!("listing replicas on {node}"))?
+                    .into_inner()
+                    .replicas;
+                for r in reps {
+                    t.row(vec![
+                        node.clone().into(),
+                        r.uuid.into(),
+                        r.pool.into(),
+                        human_bytes(r.size_bytes).into(),
+                        r.thin.into(),
+                        human_bytes(r.allocated_bytes).into(),
+                        if r.share_nqn.is_empty() {
+                            Value::Null
+                        } else {
+                            r.share_nqn.into()
+                        },
+                    ]);
+                }
+            }
+            t.print(cli.json);
+        }
+        Cmd::Nexus(ListOnly::List) => {
+            let mut t = Table::new(&["node", "uuid", "size", "nqn", "address", "children"]);
+            for (node, mut e) in engines(&mut ctl).await? {
+                let nx = e
+                    .list_nexuses(epb::ListNexusesRequest {})
+                    .await
+                    .with_context(|| format!("listing nexuses on {node}"))?
+                    .into_inner()
+                    .nexuses;
+                for n in nx {
+                    let children: Vec<String> = n
+                        .children
+                        .iter()
+                        .map(|c| {
+                            let state = epb::ChildState::try_from(c.state)
+                                .map(|s| {
+                                    s.as_str_name()
+                                        .trim_start_matches("CHILD_STATE_")
+                                        .to_lowercase()
+                                })
+                                .unwrap_or_else(|_| "unknown".into());
+                            format!("{} ({state})", c.uri)
+                        })
+                        .collect();
+                    t.row(vec![
+                        node.clone().into(),
+                        n.uuid.into(),
+                        human_bytes(n.size_bytes).into(),
+                        n.nqn.into(),
+                        n.address.into(),
+                        children.join(", ").into(),
+                    ]);
+                }
+            }
+            t.print(cli.json);
+        }
+        Cmd::Volume(v) => volume(&mut ctl, v, cli.json).await?,
+    }
+    Ok(())
+}
+
+async fn volume(
+    ctl: &mut apb::control_client::ControlClient<Channel>,
+    cmd: VolumeCmd,
+    json: bool,
+) -> anyhow::Result<()> {
+    let one = |v: apb::Volume| {
+        let mut t = Table::new(VOLUME_HEADERS);
+        volume_row(&mut t, &v);
+        t.print(json);
+    };
+    match cmd {
+        VolumeCmd::List => {
+            let mut t = Table::new(VOLUME_HEADERS);
+            let mut token = String::new();
+            loop {
+                let page = ctl
+                    .list_volumes(apb::ListVolumesRequest {
+                        max_entries: 100,
+                        starting_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                page.volumes.iter().for_each(|v| volume_row(&mut t, v));
+                if page.next_token.is_empty() {
+                    break;
+                }
+                token = page.next_token;
+            }
+            t.print(json);
+        }
+        VolumeCmd::Get { id } => one(ctl
+            .get_volume(apb::GetVolumeRequest { id })
+            .await?
+            .into_inner()),
+        VolumeCmd::Create {
+            name,
+            size,
+            repl,
+            thick,
+        } => one(ctl
+            .create_volume(apb::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                replicas: repl,
+                thin: !thick,
+                topology: None,
+            })
+            .await?
+            .into_inner()),
+        VolumeCmd::Delete { id } => {
+            ctl.delete_volume(apb::DeleteVolumeRequest { id: id.clone() })
+                .await?;
+            if !json {
+                println!("deleted {id}");
+            }
+        }
+        VolumeCmd::Publish { id, node } => one(ctl
+            .publish_volume(apb::PublishVolumeRequest { id, node })
+            .await?
+            .into_inner()),
+        VolumeCmd::Unpublish { id } => one(ctl
+            .unpublish_volume(apb::UnpublishVolumeRequest {
+                id,
+                node: String::new(),
+            })
+            .await?
+            .into_inner()),
+        VolumeCmd::Resize { id, size } => one(ctl
+            .resize_volume(apb::ResizeVolumeRequest {
+                id,
+                size_bytes: size,
+            })
+            .await?
+            .into_inner()),
+    }
+    Ok(())
+}
