@@ -76,7 +76,10 @@ fn parse_stat_cpu(stat: &str, ticks_per_sec: u64) -> Option<Duration> {
     let stime: u64 = fields.next()?.parse().ok()?;
     let ticks = utime + stime;
     let tps = ticks_per_sec.max(1);
-    Some(Duration::from_secs(ticks / tps) + Duration::from_nanos((ticks % tps) * 1_000_000_000 / tps))
+    Some(
+        Duration::from_secs(ticks / tps)
+            + Duration::from_nanos((ticks % tps) * 1_000_000_000 / tps),
+    )
 }
 
 /// Pins the calling thread to one CPU.
@@ -108,7 +111,8 @@ mod tests {
 
     #[test]
     fn stat_parsing_survives_odd_command_names() {
-        let line = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 1 0 5 0 0";
+        let line =
+            "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 1 0 5 0 0";
         assert_eq!(parse_stat_cpu(line, 100), Some(Duration::from_secs(4)));
         assert_eq!(parse_stat_cpu("1234 (x) S 1 2", 100), None);
         assert_eq!(parse_stat_cpu("garbage", 100), None);

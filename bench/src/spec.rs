@@ -283,13 +283,15 @@ impl JobSpec {
             }
             "rwmixread" => {
                 let v = parse_count(key, v.ok_or_else(missing)?)?;
-                let read_pct = u8::try_from(v).ok().filter(|&p| p <= 100).ok_or(
-                    SpecError::OutOfRange {
-                        option: "rwmixread",
-                        value: v,
-                        reason: "a percentage is at most 100",
-                    },
-                )?;
+                let read_pct =
+                    u8::try_from(v)
+                        .ok()
+                        .filter(|&p| p <= 100)
+                        .ok_or(SpecError::OutOfRange {
+                            option: "rwmixread",
+                            value: v,
+                            reason: "a percentage is at most 100",
+                        })?;
                 self.pattern = Pattern::RandRw { read_pct };
             }
             "bs" | "blocksize" => {
@@ -556,7 +558,16 @@ mod tests {
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
         assert_eq!(parse_size("1.5k").unwrap(), 1536);
         assert_eq!(parse_size("4kb").unwrap(), 4096);
-        for bad in ["", "k", "4x", "-1", "4kk", "99999999999999999999", "1.k", "16777216t"] {
+        for bad in [
+            "",
+            "k",
+            "4x",
+            "-1",
+            "4kk",
+            "99999999999999999999",
+            "1.k",
+            "16777216t",
+        ] {
             assert!(
                 matches!(parse_size(bad), Err(SpecError::InvalidSize { .. })),
                 "{bad:?} parsed"

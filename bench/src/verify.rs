@@ -129,11 +129,11 @@ pub fn check_block(block: &[u8], lba: u64) -> BlockState {
     for (i, w) in block[HEADER_LEN..].chunks_exact(8).enumerate() {
         if w != rng.next_u64().to_le_bytes() {
             let at = HEADER_LEN + i * 8;
-            let byte_offset = at + w
-                .iter()
-                .zip(rng_word_bytes(lba, generation, i))
-                .position(|(a, b)| *a != b)
-                .unwrap_or(0);
+            let byte_offset = at
+                + w.iter()
+                    .zip(rng_word_bytes(lba, generation, i))
+                    .position(|(a, b)| *a != b)
+                    .unwrap_or(0);
             return BlockState::Bad(MismatchKind::CorruptPayload {
                 generation,
                 byte_offset,
@@ -163,12 +163,10 @@ pub fn verify_block(block: &[u8], lba: u64, expected: Option<u64>) -> Result<boo
         (BlockState::Zeroed, Some(expected)) => bad(MismatchKind::MissingWrite { expected }),
         (BlockState::Tagged { .. }, None) => Ok(true),
         (BlockState::Tagged { generation }, Some(expected)) if generation == expected => Ok(true),
-        (BlockState::Tagged { generation }, Some(expected)) => {
-            bad(MismatchKind::WrongGeneration {
-                expected,
-                found: generation,
-            })
-        }
+        (BlockState::Tagged { generation }, Some(expected)) => bad(MismatchKind::WrongGeneration {
+            expected,
+            found: generation,
+        }),
     }
 }
 
