@@ -1,0 +1,107 @@
+//! The SSD model: its rate limit and latency hold, and waiting costs no CPU.
+//! Timing tests here run one at a time; the bounds are generous because the
+//! machine is shared.
+
+use std::sync::{Arc, Mutex};
+
+use cairn_bdev::ram::RamDevice;
+use cairn_bdev::BlockDevice;
+use cairn_bench::{markdown_table, run, JobSpec, ModelDevice, ModelParams, Progress, RunOptions};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn quiet() -> RunOptions {
+    RunOptions {
+        progress: Progress::Never,
+        ..RunOptions::default()
+    }
+}
+
+fn model(params: &str) -> Arc<dyn BlockDevice> {
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(4096, 4096));
+    Arc::new(ModelDevice::new(
+        ram,
+        params.parse::<ModelParams>().unwrap(),
+    ))
+}
+
+#[test]
+fn iops_limit_holds_across_job_threads() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = model("lat=100us,iops=2000");
+    let spec = JobSpec::from_args([
+        "--rw=randread",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--ramp=50ms",
+        "--runtime=400ms",
+    ])
+    .unwrap();
+    let r = run(dev, &spec, &quiet()).unwrap();
+    eprint!("{}", markdown_table(std::slice::from_ref(&r)));
+    assert_eq!(r.errors, 0);
+    // Queue depth 16 at 100 µs could do 160K IOPS: the limit decides.
+    assert!(
+        (1400.0..2300.0).contains(&r.total.iops),
+        "{} IOPS, limit 2000",
+        r.total.iops
+    );
+    // Waiting sleeps in the kernel: the job threads use a small share of
+    // the wall time (spinning would use 100 % of two threads).
+    let busy = r.cpu.job_threads_secs / (2.0 * r.elapsed_secs);
+    assert!(busy < 0.3, "job threads busy {:.0} %", busy * 100.0);
+}
+
+#[test]
+fn bandwidth_limit_holds() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 64 MiB/s of 64k I/Os = 1024 IOPS.
+    let dev = model("bw=64m");
+    let spec =
+        JobSpec::from_args(["--rw=read", "--bs=64k", "--iodepth=4", "--runtime=300ms"]).unwrap();
+    let r = run(dev, &spec, &quiet()).unwrap();
+    eprint!("{}", markdown_table(std::slice::from_ref(&r)));
+    assert!(
+        (45.0..72.0).contains(&r.total.mib_per_sec),
+        "{} MiB/s, limit 64",
+        r.total.mib_per_sec
+    );
+}
+
+#[test]
+fn latency_is_modelled_below_a_millisecond() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = model("read_lat=200us,write_lat=50us");
+    let spec = JobSpec::from_args(["--rw=randread", "--iodepth=1", "--runtime=200ms"]).unwrap();
+    let r = run(dev.clone(), &spec, &quiet()).unwrap();
+    eprint!("{}", markdown_table(std::slice::from_ref(&r)));
+    let l = &r.total.latency;
+    assert!(l.min_us >= 200.0, "{l:?}");
+    // monoio's own timers would round every wait up to 1 ms.
+    assert!(l.p50_us < 600.0, "{l:?}");
+    assert!(r.total.iops > 1000.0, "{} IOPS", r.total.iops);
+
+    let spec = JobSpec::from_args(["--rw=randwrite", "--iodepth=1", "--runtime=200ms"]).unwrap();
+    let w = run(dev, &spec, &quiet()).unwrap();
+    assert!(w.total.latency.min_us >= 50.0, "{:?}", w.total.latency);
+    assert!(
+        w.total.latency.p50_us < l.p50_us,
+        "writes are faster than reads"
+    );
+}
+
+#[test]
+fn queue_depth_overlaps_latency() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 1 ms each, 8 in flight, no rate limit: about 8000 IOPS.
+    let dev = model("lat=1ms");
+    let spec = JobSpec::from_args(["--rw=randread", "--iodepth=8", "--runtime=300ms"]).unwrap();
+    let r = run(dev, &spec, &quiet()).unwrap();
+    eprint!("{}", markdown_table(std::slice::from_ref(&r)));
+    assert!(
+        (5000.0..8100.0).contains(&r.total.iops),
+        "{} IOPS",
+        r.total.iops
+    );
+    assert!(r.total.latency.min_us >= 1000.0);
+}
