@@ -257,6 +257,37 @@ async fn open_etcd_with(etcd: &Etcd, timeout: Duration) -> EtcdStore {
 }
 
 #[tokio::test]
+async fn an_unreachable_member_is_skipped() {
+    // The first endpoint has nothing behind it; every call must still
+    // succeed through the live one, and without waiting out the timeout.
+    let etcd = Etcd::start();
+    let dead = free_port();
+    let spec = format!("etcd://127.0.0.1:{dead},127.0.0.1:{}", etcd.client_port);
+    let store = open_etcd(&spec).await.unwrap();
+    let started = Instant::now();
+    let mut last = 0;
+    for i in 0..20u32 {
+        let v = store
+            .compare_and_put("/v1/counter", &i.to_be_bytes(), last)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("write {i} lost its compare"));
+        assert!(v > last);
+        last = v;
+    }
+    let got = store.get("/v1/counter").await.unwrap().unwrap();
+    assert_eq!(
+        (got.value, got.version),
+        (19u32.to_be_bytes().to_vec(), last)
+    );
+    assert_eq!(store.list("/v1/").await.unwrap().len(), 1);
+    assert!(store.delete("/v1/counter").await.unwrap());
+    let took = started.elapsed();
+    println!("23 calls with one dead member listed first: {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
 async fn nothing_listening_is_unavailable_not_a_hang() {
     let port = free_port();
     let started = Instant::now();

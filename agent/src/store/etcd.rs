@@ -6,17 +6,26 @@
 //! transaction: `mod_revision == expected`, or `create_revision == 0` (the
 //! key is absent) when `expected` is 0.
 //!
-//! Every operation is bounded by the store's timeout: when no endpoint
+//! Every operation is bounded by the store's timeout: when no member
 //! answers, the call fails with [`StoreError::Unavailable`] rather than
-//! waiting for etcd to come back. The client reconnects by itself, so the
-//! same [`EtcdStore`] works again once etcd does.
+//! waiting for etcd to come back. The clients reconnect by themselves, so
+//! the same [`EtcdStore`] works again once etcd does.
+//!
+//! With several endpoints the store talks to one member at a time. A
+//! request that provably never took effect (the connection could not be
+//! made, or the member has no leader) moves on to the next member within
+//! the same call; one whose outcome is unknown (it timed out or the
+//! connection broke) fails, and the next call starts at the next member.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, ResponseHeader, Txn, TxnOp,
 };
+use tokio::time::Instant;
 
 use super::{Store, StoreError, Versioned};
 
@@ -25,6 +34,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The scheme of a store spec naming etcd: `etcd://host:port[,host:port...]`.
 pub const SPEC_SCHEME: &str = "etcd://";
+
+/// The shortest connect attempt to one member.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Largest response the store accepts (a `list` of many records).
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
@@ -92,15 +104,22 @@ pub async fn open_etcd(spec: &str) -> Result<EtcdStore, StoreError> {
 /// A store in an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    kv: KvClient,
+    members: Arc<[Member]>,
+    /// The member the next call starts with.
+    preferred: Arc<AtomicUsize>,
     timeout: Duration,
-    endpoints: Vec<String>,
+}
+
+/// One etcd member's client.
+struct Member {
+    url: String,
+    kv: KvClient,
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.endpoints())
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -126,56 +145,88 @@ fn header_version(key: &str, header: Option<&ResponseHeader>) -> Result<u64, Sto
     version(key, header.revision())
 }
 
+/// Whether a failed request certainly did not take effect, so that sending
+/// it to another member cannot apply it twice: no connection could be made,
+/// or the member refused it for want of a leader.
+fn never_applied(e: &etcd_client::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            if status.code() == tonic::Code::Unavailable
+                && status.message().contains("etcdserver: no leader")
+            {
+                return true;
+            }
+            Some(status)
+        }
+        etcd_client::Error::TransportError(t) => Some(t),
+        _ => None,
+    };
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 impl EtcdStore {
     /// Connects to the etcd cluster at `endpoints` (`http://host:port`) and
-    /// checks that it answers. `timeout` bounds every operation, this one
-    /// included ([`DEFAULT_TIMEOUT`] if `None`).
+    /// checks that some member answers. `timeout` bounds every operation,
+    /// this one included ([`DEFAULT_TIMEOUT`] if `None`).
     pub async fn connect(
         endpoints: &[impl AsRef<str>],
         timeout: Option<Duration>,
     ) -> Result<Self, StoreError> {
         let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_owned()).collect();
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoints given".into()));
         }
+        // Leave time in one call to try the other members when one cannot
+        // be reached at all.
+        let members_n = u32::try_from(endpoints.len()).unwrap_or(u32::MAX);
+        let connect_timeout = (timeout / members_n).max(MIN_CONNECT_TIMEOUT);
         let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
+            .with_connect_timeout(connect_timeout)
             .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(10), timeout);
-        let client = tokio::time::timeout(timeout, Client::connect(&endpoints, Some(options)))
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!("etcd at {endpoints:?}: connect timed out"))
-            })?
-            .map_err(|e| StoreError::Unavailable(format!("etcd at {endpoints:?}: {e}")))?;
-        let kv = client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+            .with_keep_alive(Duration::from_secs(10), timeout)
+            // A member cut off from the majority answers at once instead of
+            // holding the request until its timeout.
+            .with_require_leader(true);
+        let mut members = Vec::with_capacity(endpoints.len());
+        for url in endpoints {
+            let url = url.as_ref().to_owned();
+            // Connecting only sets the client up; the first request dials.
+            let client =
+                tokio::time::timeout(timeout, Client::connect([&url], Some(options.clone())))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!("etcd at {url}: connect timed out"))
+                    })?
+                    .map_err(|e| StoreError::Unavailable(format!("etcd at {url}: {e}")))?;
+            let kv = client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES);
+            members.push(Member { url, kv });
+        }
         let store = EtcdStore {
-            kv,
+            members: members.into(),
+            preferred: Arc::new(AtomicUsize::new(0)),
             timeout,
-            endpoints,
         };
-        // The client connects lazily; one read tells a wrong address or a
-        // stopped cluster now rather than at the first real operation.
+        // One read tells a wrong address or a stopped cluster now rather
+        // than at the first real operation.
         store
             .bounded("connect", |mut kv| async move {
                 kv.get("/", Some(GetOptions::new().with_count_only())).await
             })
-            .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(m) => {
-                    StoreError::Unavailable(format!("etcd at {:?}: {m}", store.endpoints))
-                }
-                other => other,
-            })?;
+            .await?;
         Ok(store)
     }
 
     /// The endpoints this store was opened with.
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+    pub fn endpoints(&self) -> Vec<&str> {
+        self.members.iter().map(|m| m.url.as_str()).collect()
     }
 
     /// The bound on each operation.
@@ -183,21 +234,47 @@ impl EtcdStore {
         self.timeout
     }
 
-    /// Runs one request on a clone of the KV client, bounded by the
-    /// store's timeout; every failure is [`StoreError::Unavailable`].
+    /// Runs one request within the store's timeout, starting at the
+    /// preferred member and moving on while the request certainly never
+    /// took effect. Every failure is [`StoreError::Unavailable`].
     async fn bounded<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(KvClient) -> Fut,
+        F: Fn(KvClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, f(self.kv.clone())).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd {what}: {e}"))),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd {what}: no answer within {:?}",
-                self.timeout
-            ))),
+        let deadline = Instant::now() + self.timeout;
+        let n = self.members.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut errors = Vec::new();
+        for i in (0..n).map(|k| (first + k) % n) {
+            let member = &self.members[i];
+            match tokio::time::timeout_at(deadline, f(member.kv.clone())).await {
+                Ok(Ok(v)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) if never_applied(&e) => {
+                    errors.push(format!("{}: {e}", member.url));
+                }
+                outcome => {
+                    // The outcome is unknown: fail this call, and start the
+                    // next one elsewhere in case this member is stuck.
+                    self.preferred.store((i + 1) % n, Ordering::Relaxed);
+                    let reason = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {:?}", self.timeout),
+                    };
+                    return Err(StoreError::Unavailable(format!(
+                        "etcd {what} at {}: {reason}",
+                        member.url
+                    )));
+                }
+            }
         }
+        Err(StoreError::Unavailable(format!(
+            "etcd {what}: no member reachable: {}",
+            errors.join("; ")
+        )))
     }
 }
 
@@ -245,7 +322,10 @@ impl Store for EtcdStore {
             .when([compare])
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self
-            .bounded("compare-and-put", |mut kv| async move { kv.txn(txn).await })
+            .bounded("compare-and-put", |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
             .await?;
         if !resp.succeeded() {
             return Ok(None);
