@@ -1,1 +1,296 @@
-fn main() {}
+//! `cairn-bench`: runs fio-like jobs against a file, a block device or a RAM
+//! disk, optionally behind the SSD model, and prints a Markdown table.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use cairn_bdev::file::{FileDevice, FileOptions};
+use cairn_bdev::ram::RamDevice;
+use cairn_bdev::BlockDevice;
+use cairn_bench::spec::{format_size, parse_count};
+use cairn_bench::{
+    markdown_table, parse_size, report, run, JobSpec, ModelDevice, ModelParams, Pattern, Progress,
+    RunOptions,
+};
+
+const USAGE: &str = "\
+usage: cairn-bench (--filename PATH | --ram SIZE) [options]
+
+target:
+  --filename PATH     file or block device (a missing file is created with --size)
+  --ram SIZE          a RAM disk of SIZE instead (e.g. 1g)
+  --lba SIZE          logical block size of the target: 512 (default) or 4k
+  --buffered          do not use O_DIRECT
+  --model PARAMS      put the SSD model in front: e.g. nvme, or
+                      read_lat=80us,write_lat=20us,iops=200k,bw=2g,burst=32
+
+job (fio names; sizes 4k/1m/2g, durations 500ms/10s/1m):
+  --rw PATTERN[,PATTERN...]  randread randwrite randrw read write (one row each)
+  --rwmixread PCT     reads in randrw (default 50)
+  --bs SIZE           bytes per I/O (default 4k)
+  --iodepth N         I/Os in flight per job thread (default 32)
+  --numjobs N         job threads (default 1)
+  --runtime TIME      measured time (default 10s)
+  --ramp_time TIME    unmeasured warm-up first
+  --offset SIZE, --size SIZE   byte range to use (default: whole target)
+  --number_ios N      stop each job thread after N I/Os
+  --verify            tag written blocks, check read ones
+  --cpus_allowed LIST pin job threads, e.g. 0 or 0-1
+  --continue_on_error keep going after I/O errors
+  --name LABEL        row label
+
+output:
+  --json              print JSON instead of the table
+  --json-out PATH     also write JSON to PATH
+  --progress / --no-progress   live line on stderr (default: when a terminal)
+  --watch-pid PID     also measure the CPU time of PID (e.g. the engine)
+";
+
+/// Set by SIGINT: the run stops early and reports what it measured.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_sigint() {
+    // SAFETY: sigaction is plain data, for which all-zero bytes are valid
+    // (an empty mask, no flags).
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigint as *const () as libc::sighandler_t;
+    // A second Ctrl-C kills the process as usual.
+    sa.sa_flags = libc::SA_RESETHAND;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-
+    // safe; `sa` is a live, initialised sigaction.
+    unsafe { libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut()) };
+}
+
+#[derive(Default)]
+struct Args {
+    filename: Option<PathBuf>,
+    ram: Option<u64>,
+    lba: Option<u64>,
+    buffered: bool,
+    model: Option<ModelParams>,
+    patterns: Vec<String>,
+    spec: JobSpec,
+    json: bool,
+    json_out: Option<PathBuf>,
+    progress: Progress,
+    watch_pid: Option<u32>,
+}
+
+fn parse_args(raw: Vec<String>) -> anyhow::Result<Option<Args>> {
+    let mut a = Args::default();
+    let mut i = 0;
+    while i < raw.len() {
+        let arg = &raw[i];
+        i += 1;
+        if !arg.starts_with("--") {
+            bail!("unexpected argument {arg:?}\n\n{USAGE}");
+        }
+        let (key, inline) = match arg[2..].split_once('=') {
+            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+            None => (arg[2..].to_owned(), None),
+        };
+        match key.as_str() {
+            "help" | "h" => return Ok(None),
+            "json" => a.json = true,
+            "buffered" => a.buffered = true,
+            "progress" => a.progress = Progress::Always,
+            "no-progress" => a.progress = Progress::Never,
+            _ if JobSpec::is_flag(&key) => {
+                let value = match inline {
+                    Some(v) => Some(v),
+                    None => match raw.get(i).map(String::as_str) {
+                        Some("0" | "1" | "true" | "false" | "yes" | "no" | "on" | "off") => {
+                            i += 1;
+                            raw.get(i - 1).cloned()
+                        }
+                        _ => None,
+                    },
+                };
+                a.spec.set(&key, value.as_deref())?;
+            }
+            _ => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => {
+                        let v = raw
+                            .get(i)
+                            .with_context(|| format!("--{key} needs a value"))?
+                            .clone();
+                        i += 1;
+                        v
+                    }
+                };
+                match key.as_str() {
+                    "filename" => a.filename = Some(PathBuf::from(value)),
+                    "ram" => a.ram = Some(parse_size(&value)?),
+                    "lba" => a.lba = Some(parse_size(&value)?),
+                    "model" => a.model = Some(value.parse()?),
+                    "json-out" => a.json_out = Some(PathBuf::from(value)),
+                    "watch-pid" => {
+                        a.watch_pid = Some(u32::try_from(parse_count(&key, &value)?)?);
+                    }
+                    "rw" | "readwrite" => {
+                        for p in value.split(',') {
+                            // Checked now, applied per run.
+                            p.parse::<Pattern>()?;
+                            a.patterns.push(p.to_owned());
+                        }
+                    }
+                    k if JobSpec::is_option(k) => a.spec.set(k, Some(&value))?,
+                    k => bail!("unknown option --{k}\n\n{USAGE}"),
+                }
+            }
+        }
+    }
+    Ok(Some(a))
+}
+
+fn open_target(a: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
+    let block_size = match a.lba {
+        None | Some(512) => 512,
+        Some(4096) => 4096,
+        Some(n) => bail!("--lba must be 512 or 4k, not {n}"),
+    };
+    let (dev, what): (Arc<dyn BlockDevice>, String) = match (&a.filename, a.ram) {
+        (Some(_), Some(_)) => bail!("give --filename or --ram, not both"),
+        (None, None) => bail!("no target: give --filename PATH or --ram SIZE\n\n{USAGE}"),
+        (None, Some(size)) => {
+            let dev = RamDevice::new(block_size, size / u64::from(block_size));
+            (Arc::new(dev), format!("RAM disk of {}", format_size(size)))
+        }
+        (Some(path), None) => {
+            let opts = FileOptions {
+                block_size,
+                direct: !a.buffered,
+            };
+            let dev = if path.exists() {
+                FileDevice::open(path, opts)
+            } else {
+                let size = a.spec.size.with_context(|| {
+                    format!(
+                        "{} does not exist; give --size to create it",
+                        path.display()
+                    )
+                })?;
+                FileDevice::create(path, a.spec.offset + size, opts)
+            }
+            .with_context(|| format!("opening {}", path.display()))?;
+            let what = format!(
+                "{} ({}{})",
+                path.display(),
+                format_size(dev.info().size_bytes()),
+                if dev.is_direct() {
+                    ", O_DIRECT"
+                } else {
+                    ", buffered"
+                }
+            );
+            (Arc::new(dev), what)
+        }
+    };
+    match &a.model {
+        Some(p) => {
+            let what = format!("{what} behind the SSD model [{p}]");
+            Ok((Arc::new(ModelDevice::new(dev, p.clone())), what))
+        }
+        None => Ok((dev, what)),
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cairn-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let Some(args) = parse_args(std::env::args().skip(1).collect())? else {
+        print!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    args.spec.validate()?;
+    let (dev, what) = open_target(&args)?;
+    eprintln!("target: {what}");
+    install_sigint();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = RunOptions {
+        progress: args.progress,
+        watch_pid: args.watch_pid,
+        stop: Some(stop.clone()),
+    };
+    // Forward Ctrl-C to the run's stop flag.
+    let watcher_stop = stop.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher_done = done.clone();
+    let watcher = std::thread::spawn(move || {
+        while !watcher_done.load(Ordering::Relaxed) {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                watcher_stop.store(true, Ordering::Relaxed);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+
+    let patterns = if args.patterns.is_empty() {
+        vec![args.spec.pattern.to_string()]
+    } else {
+        args.patterns.clone()
+    };
+    let mut results = Vec::new();
+    for p in &patterns {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut spec = args.spec.clone();
+        spec.set("rw", Some(p))?;
+        if patterns.len() > 1 || spec.name == JobSpec::default().name {
+            spec.name = if spec.name == JobSpec::default().name {
+                p.clone()
+            } else {
+                format!("{} {p}", spec.name)
+            };
+        }
+        results.push(run(dev.clone(), &spec, &opts)?);
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, report::to_json(&results)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", report::to_json(&results)?);
+    } else {
+        print!("{}", markdown_table(&results));
+    }
+    let mut clean = true;
+    for r in &results {
+        for e in &r.first_errors {
+            eprintln!("{}: error: {e}", r.name);
+        }
+        if let Some(v) = &r.verify {
+            for m in &v.first_mismatches {
+                eprintln!("{}: verify: {m}", r.name);
+            }
+        }
+        clean &= r.is_clean();
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -29,9 +29,11 @@ use crate::timer::PreciseTimer;
 /// How a [`ModelDevice`] behaves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelParams {
-    /// Service latency of a read.
+    /// Service latency of a read (seconds, in JSON).
+    #[serde(with = "crate::spec::secs")]
     pub read_latency: Duration,
     /// Service latency of a write, flush, write-zeroes or deallocate.
+    #[serde(with = "crate::spec::secs")]
     pub write_latency: Duration,
     /// Ceiling on I/Os per second, if any.
     pub max_iops: Option<u64>,

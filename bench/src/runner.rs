@@ -263,12 +263,12 @@ impl Layout {
         let fail = |reason: String| Err(RunError::Layout { reason });
         let dev_block = u64::from(info.block_size);
         let bs = u64::from(spec.block_size);
-        if dev_block == 0 || bs % dev_block != 0 {
+        if dev_block == 0 || !bs.is_multiple_of(dev_block) {
             return fail(format!(
                 "bs {bs} is not a multiple of the device block size {dev_block}"
             ));
         }
-        if spec.offset % dev_block != 0 {
+        if !spec.offset.is_multiple_of(dev_block) {
             return fail(format!(
                 "offset {} is not a multiple of the device block size {dev_block}",
                 spec.offset

@@ -45,7 +45,7 @@ pub enum SpecError {
 
 /// The access pattern of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "lowercase")]
 pub enum Pattern {
     /// Uniformly random reads.
     RandRead,
@@ -150,9 +150,11 @@ pub struct JobSpec {
     pub queue_depth: u32,
     /// Job threads.
     pub jobs: u32,
-    /// Measured run time.
+    /// Measured run time (seconds, in JSON).
+    #[serde(with = "secs")]
     pub runtime: Duration,
-    /// Warm-up time before measuring.
+    /// Warm-up time before measuring (seconds, in JSON).
+    #[serde(with = "secs")]
     pub ramp: Duration,
     /// Start of the range, in bytes.
     pub offset: u64,
@@ -325,6 +327,17 @@ impl JobSpec {
         Ok(())
     }
 
+    /// Whether option `key` (leading dashes allowed) is a job flag, which
+    /// may stand without a value.
+    pub fn is_flag(key: &str) -> bool {
+        FLAG_OPTIONS.contains(&key.trim_start_matches('-'))
+    }
+
+    /// Whether `key` (leading dashes allowed) is a job option.
+    pub fn is_option(key: &str) -> bool {
+        JOB_OPTIONS.contains(&key.trim_start_matches('-'))
+    }
+
     /// Checks the values that do not depend on the device.
     pub fn validate(&self) -> Result<(), SpecError> {
         let out = |option, value: u64, reason| {
@@ -334,7 +347,7 @@ impl JobSpec {
                 reason,
             })
         };
-        if self.block_size == 0 || self.block_size % 512 != 0 {
+        if self.block_size == 0 || !self.block_size.is_multiple_of(512) {
             return out(
                 "bs",
                 self.block_size.into(),
@@ -365,6 +378,23 @@ impl JobSpec {
             self.queue_depth,
             self.jobs
         )
+    }
+}
+
+/// Durations as (fractional) seconds in JSON, which reads better than
+/// serde's `{secs, nanos}`.
+pub(crate) mod secs {
+    use std::time::Duration;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(D::Error::custom)
     }
 }
 
@@ -501,7 +531,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, SpecError> {
     }
     let n: f64 = num.parse().map_err(|_| err())?;
     let nanos = n * nanos_per;
-    if !nanos.is_finite() || nanos < 0.0 || nanos > 1e18 {
+    if !nanos.is_finite() || !(0.0..=1e18).contains(&nanos) {
         return Err(err());
     }
     Ok(Duration::from_nanos(nanos.round() as u64))
@@ -537,7 +567,7 @@ pub fn parse_cpu_list(input: &str) -> Result<Vec<usize>, SpecError> {
 pub fn format_size(bytes: u64) -> String {
     const UNITS: &[(u32, &str)] = &[(40, "t"), (30, "g"), (20, "m"), (10, "k")];
     for &(shift, unit) in UNITS {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

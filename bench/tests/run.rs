@@ -81,7 +81,7 @@ fn ram_mixed_run_completes_with_consistent_counts() {
     assert_eq!(lines.len(), 4, "{table}");
     assert!(lines[0].contains("IOPS") && lines[0].contains("p99.9 µs"));
     assert!(lines[2].starts_with("| ram ") && lines[2].contains("randrw70 4k qd8x2"));
-    let json = report::to_json(&[r.clone()]).unwrap();
+    let json = report::to_json(std::slice::from_ref(&r)).unwrap();
     let back = report::from_json(&json).unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].spec, r.spec);
@@ -354,8 +354,10 @@ fn jobs_that_do_not_fit_the_device_are_refused() {
         let e = run(dev.clone(), &spec(args), &quiet()).unwrap_err();
         assert!(matches!(e, RunError::Layout { .. }), "{args:?}: {e}");
     }
-    let mut bad = JobSpec::default();
-    bad.queue_depth = 0;
+    let bad = JobSpec {
+        queue_depth: 0,
+        ..JobSpec::default()
+    };
     assert!(matches!(run(dev, &bad, &quiet()), Err(RunError::Spec(_))));
 }
 
