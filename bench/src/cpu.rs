@@ -124,13 +124,18 @@ mod tests {
         let before = thread_cpu().unwrap();
         let t = std::time::Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(30) {
-            x = std::hint::black_box(x.wrapping_add(1));
+        // Spin until this thread has used 60 ms of CPU (or 5 s went by).
+        while thread_cpu().unwrap() - before < Duration::from_millis(60)
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
-        assert!(thread_cpu().unwrap() > before);
+        assert!(thread_cpu().unwrap() - before >= Duration::from_millis(60));
         assert!(process_cpu().unwrap() >= thread_cpu().unwrap());
-        // /proc counts in clock ticks (usually 10 ms); 30 ms of spinning shows.
-        assert!(pid_cpu(pid).unwrap() > Duration::ZERO);
+        // /proc counts in clock ticks (usually 10 ms); 60 ms of CPU shows.
+        assert!(pid_cpu(pid).unwrap() >= Duration::from_millis(20));
         assert!(pid_cpu(u32::MAX).is_err());
     }
 }
