@@ -186,10 +186,14 @@ mod tests {
     fn jobs_run_on_their_reactor() {
         let r = Reactors::start(2, "test-reactor").unwrap();
         let a = r
-            .run(0, || async { std::thread::current().name().map(String::from) })
+            .run(0, || async {
+                std::thread::current().name().map(String::from)
+            })
             .unwrap();
         let b = r
-            .run(1, || async { std::thread::current().name().map(String::from) })
+            .run(1, || async {
+                std::thread::current().name().map(String::from)
+            })
             .unwrap();
         assert_eq!(a.as_deref(), Some("test-reactor-0"));
         assert_eq!(b.as_deref(), Some("test-reactor-1"));

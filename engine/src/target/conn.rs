@@ -117,12 +117,34 @@ fn respond(
 
 /// A device operation of an I/O command, ready to run.
 enum Op {
-    Read { ns: usize, lba: u64, len: usize },
-    Write { ns: usize, lba: u64, buf: IoBuf, fua: bool },
-    Compare { ns: usize, lba: u64, buf: IoBuf },
-    Flush { ns: Option<usize> },
-    Zeroes { ns: usize, lba: u64, blocks: u64 },
-    Deallocate { ns: usize, ranges: Vec<DsmRange> },
+    Read {
+        ns: usize,
+        lba: u64,
+        len: usize,
+    },
+    Write {
+        ns: usize,
+        lba: u64,
+        buf: IoBuf,
+        fua: bool,
+    },
+    Compare {
+        ns: usize,
+        lba: u64,
+        buf: IoBuf,
+    },
+    Flush {
+        ns: Option<usize>,
+    },
+    Zeroes {
+        ns: usize,
+        lba: u64,
+        blocks: u64,
+    },
+    Deallocate {
+        ns: usize,
+        ranges: Vec<DsmRange>,
+    },
 }
 
 async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
@@ -137,7 +159,10 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
         }
         Op::Write { ns, lba, buf, fua } => {
             let (r, _buf) = ctx.ns[ns].chan.write(lba, buf, fua).await;
-            (r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS), None)
+            (
+                r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS),
+                None,
+            )
         }
         Op::Compare { ns, lba, buf } => {
             let got = IoBuf::zeroed(buf.len());
@@ -163,7 +188,10 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
         }
         Op::Zeroes { ns, lba, blocks } => {
             let r = ctx.ns[ns].chan.write_zeroes(lba, blocks).await;
-            (r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS), None)
+            (
+                r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS),
+                None,
+            )
         }
         Op::Deallocate { ns, ranges } => {
             let mut st = Status::SUCCESS;
@@ -312,7 +340,10 @@ impl Queue {
                 tracing::info!(fes = ?t.map(|t| t.fes), "host terminated the connection");
                 Err(End::Closed)
             }
-            _ => Err(End::Term(TermError::new(Fes::PduSequenceError), hdr.to_vec())),
+            _ => Err(End::Term(
+                TermError::new(Fes::PduSequenceError),
+                hdr.to_vec(),
+            )),
         }
     }
 
@@ -342,7 +373,8 @@ impl Queue {
             max_data: cfg.maxh2cdata,
         });
         self.state = State::Connecting;
-        self.tx.with(|b| b.header(|out| out.extend_from_slice(&resp.encode())));
+        self.tx
+            .with(|b| b.header(|out| out.extend_from_slice(&resp.encode())));
         Ok(())
     }
 
@@ -495,11 +527,16 @@ impl Queue {
                     Err(Status::INVALID_FIELD)
                 } else {
                     let i = ctx.ns(rw.nsid).unwrap_or(0);
-                    self.spawn(ctx, cid, sqhd, Op::Read {
-                        ns: i,
-                        lba: rw.slba,
-                        len: len as usize,
-                    });
+                    self.spawn(
+                        ctx,
+                        cid,
+                        sqhd,
+                        Op::Read {
+                            ns: i,
+                            lba: rw.slba,
+                            len: len as usize,
+                        },
+                    );
                     Ok(0)
                 }
             }),
@@ -531,11 +568,16 @@ impl Queue {
             } => match ctx.ns(nsid) {
                 None => Err(Status::INVALID_NS),
                 Some(i) => check_range(slba, u64::from(blocks), ctx.ns[i].geo).map(|()| {
-                    self.spawn(ctx, cid, sqhd, Op::Zeroes {
-                        ns: i,
-                        lba: slba,
-                        blocks: u64::from(blocks),
-                    });
+                    self.spawn(
+                        ctx,
+                        cid,
+                        sqhd,
+                        Op::Zeroes {
+                            ns: i,
+                            lba: slba,
+                            blocks: u64::from(blocks),
+                        },
+                    );
                     0
                 }),
             },
@@ -583,9 +625,8 @@ impl Queue {
             len,
         };
         let layout = self.layout;
-        self.tx.with(|b| {
-            b.header(|out| layout.encode_header(out, PduType::R2t, 0, &r2t.bytes(), 0))
-        });
+        self.tx
+            .with(|b| b.header(|out| layout.encode_header(out, PduType::R2t, 0, &r2t.bytes(), 0)));
     }
 
     fn io_with_data(&mut self, ctx: &Rc<IoCtx>, sqe: Sqe, cmd: Command, buf: IoBuf) {
@@ -600,11 +641,9 @@ impl Queue {
                 buf,
                 fua,
             }),
-            Command::Compare(Rw { nsid, slba, .. }) => ctx.ns(nsid).map(|ns| Op::Compare {
-                ns,
-                lba: slba,
-                buf,
-            }),
+            Command::Compare(Rw { nsid, slba, .. }) => {
+                ctx.ns(nsid).map(|ns| Op::Compare { ns, lba: slba, buf })
+            }
             Command::DatasetManagement {
                 nsid,
                 ranges,

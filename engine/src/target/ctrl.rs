@@ -177,14 +177,7 @@ impl Controller {
         Reply::ok(0)
     }
 
-    fn identify(
-        &self,
-        shared: &Shared,
-        cns_v: u8,
-        nsid: u32,
-        csi: u8,
-        subnqn: &str,
-    ) -> Reply {
+    fn identify(&self, shared: &Shared, cns_v: u8, nsid: u32, csi: u8, subnqn: &str) -> Reply {
         let sub = self.subsys.as_deref();
         let ns_of = |nsid: u32| sub.and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
         let ident = |n: &super::Namespace| id::NamespaceIdentity {
@@ -204,9 +197,8 @@ impl Controller {
                     .and_then(|s| s.namespaces.iter().map(|n| n.nsid).max())
                     .unwrap_or(0)
                     .max(if sub.is_some() { 1 } else { 0 });
-                let vwc = sub.is_some_and(|s| {
-                    s.namespaces.iter().any(|n| n.info.volatile_write_cache)
-                });
+                let vwc =
+                    sub.is_some_and(|s| s.namespaces.iter().any(|n| n.info.volatile_write_cache));
                 let b = id::identify_controller(&id::ControllerIdentity {
                     serial,
                     model,
@@ -272,10 +264,7 @@ impl Controller {
     }
 
     fn discovery_page(&self, shared: &Shared, local: SocketAddr) -> Vec<u8> {
-        let subs = shared
-            .subsystems
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let subs = shared.subsystems.read().unwrap_or_else(|e| e.into_inner());
         let mut entries: Vec<id::DiscoveryEntry> = subs
             .values()
             .filter(|s| s.host_allowed(&self.hostnqn))
@@ -409,9 +398,7 @@ impl Controller {
                 offset,
                 ..
             } => self.log_page(shared, local, l, len, offset),
-            Command::GetFeatures { .. } | Command::SetFeatures { .. } => {
-                self.features(shared, cmd)
-            }
+            Command::GetFeatures { .. } | Command::SetFeatures { .. } => self.features(shared, cmd),
             Command::KeepAlive => Reply::ok(0),
             // Commands complete too fast to abort: "not aborted".
             Command::Abort { .. } => Reply::ok(1),

@@ -63,7 +63,10 @@ impl RxBuf {
     /// Returns `UnexpectedEof` if the peer closes first.
     pub async fn fill(&mut self, rd: &mut TcpOwnedReadHalf, need: usize) -> io::Result<()> {
         if need > RX_BUF {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "header too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "header too long",
+            ));
         }
         while self.end - self.start < need {
             let Some(mut b) = self.buf.take() else {
@@ -126,8 +129,15 @@ impl RxBuf {
 }
 
 enum Seg {
-    Hdr { start: usize, end: usize },
-    Data { idx: usize, start: usize, end: usize },
+    Hdr {
+        start: usize,
+        end: usize,
+    },
+    Data {
+        idx: usize,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// What to do with a data buffer once it has been sent.

@@ -1,0 +1,504 @@
+//! The NVMe-oF/TCP target against Cairn's own initiator and against a raw
+//! socket speaking (and breaking) the protocol, all over loopback.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use cairn_bdev::ram::RamDevice;
+use cairn_bdev::{BdevError, BlockDevice, IoBuf};
+use cairn_engine::initiator::{InitiatorError, InitiatorOptions, NvmfDevice};
+use cairn_engine::reactor::Reactors;
+use cairn_engine::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
+use cairn_nvmf::cmd::{admin, fabrics, io, prop, ConnectData, Sqe};
+use cairn_nvmf::pdu::{self, CommonHeader, Digests, IcReq, IcResp, PduType, TxLayout};
+use cairn_nvmf::{Cqe, Status};
+use uuid::Uuid;
+
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
+const BLOCKS: u64 = 64 * 1024; // 32 MiB of 512-byte blocks
+
+struct Fixture {
+    target: Target,
+    nqn: String,
+    uuid: Uuid,
+}
+
+fn fixture(allowed: Option<Vec<String>>) -> Result<Fixture> {
+    let target = Target::start(TargetConfig {
+        listen: "127.0.0.1:0".parse()?,
+        reactors: 1,
+        max_io_queues: 4,
+        ..TargetConfig::default()
+    })?;
+    let uuid = Uuid::new_v4();
+    let nqn = cairn_nvmf::volume_nqn(&uuid);
+    target.add_subsystem(SubsystemConfig {
+        nqn: nqn.clone(),
+        serial: "cairn-test-1".into(),
+        model: None,
+        namespaces: vec![NamespaceConfig {
+            nsid: 1,
+            uuid,
+            device: Arc::new(RamDevice::new(512, BLOCKS)),
+        }],
+        allowed_hosts: allowed,
+    })?;
+    Ok(Fixture { target, nqn, uuid })
+}
+
+fn opts(f: &Fixture, host: &str) -> InitiatorOptions {
+    let mut o = InitiatorOptions::new(f.target.local_addr(), &f.nqn, host);
+    o.timeout = Duration::from_secs(3);
+    o
+}
+
+fn pattern(len: usize, seed: u8) -> IoBuf {
+    let mut b = IoBuf::zeroed(len);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8;
+    }
+    b
+}
+
+/// Writes and reads back 4 KiB, 128 KiB and 1 MiB over two I/O queues,
+/// then flush, write zeroes and deallocate.
+fn io_roundtrip(digests: bool) -> Result<()> {
+    let f = fixture(None)?;
+    let mut o = opts(&f, HOST);
+    o.header_digest = digests;
+    o.data_digest = digests;
+    let dev = NvmfDevice::connect(o)?;
+    let info = dev.info();
+    ensure!(
+        info.block_size == 512 && info.num_blocks == BLOCKS,
+        "{info:?}"
+    );
+    ensure!(
+        dev.uuid() == Some(f.uuid),
+        "namespace uuid {:?}",
+        dev.uuid()
+    );
+    ensure!(dev.granted_queues() == 4);
+    let client = Reactors::start(1, "client")?;
+    let d = dev.clone();
+    let out: Result<(), String> = client.run(0, move || async move {
+        let q1 = d.open_channel().map_err(|e| e.to_string())?;
+        let q2 = d.open_channel().map_err(|e| e.to_string())?;
+        let mut lba = 8u64;
+        for (i, len) in [4096usize, 128 * 1024, 1024 * 1024].into_iter().enumerate() {
+            let data = pattern(len, i as u8 + 1);
+            let (r, _) = q1.write(lba, data.clone(), false).await;
+            r.map_err(|e| format!("write {len}: {e}"))?;
+            // Read back through the other queue.
+            let (r, got) = q2.read(lba, IoBuf::zeroed(len)).await;
+            r.map_err(|e| format!("read {len}: {e}"))?;
+            if got.as_slice() != data.as_slice() {
+                return Err(format!("data mismatch at {len} bytes"));
+            }
+            lba += (len / 512) as u64 + 8;
+        }
+        q1.flush().await.map_err(|e| e.to_string())?;
+        q1.write_zeroes(8, 8).await.map_err(|e| e.to_string())?;
+        let (r, got) = q2.read(8, IoBuf::zeroed(4096)).await;
+        r.map_err(|e| e.to_string())?;
+        if got.iter().any(|&b| b != 0) {
+            return Err("write zeroes left data".into());
+        }
+        q2.deallocate(24, 256).await.map_err(|e| e.to_string())?;
+        let (r, got) = q1.read(24, IoBuf::zeroed(128 * 1024)).await;
+        r.map_err(|e| e.to_string())?;
+        if got.iter().any(|&b| b != 0) {
+            return Err("deallocated blocks do not read as zeros".into());
+        }
+        // Many commands in flight on one queue.
+        let q1 = &q1;
+        let futs: Vec<_> = (0..64u64)
+            .map(|i| async move {
+                let (r, _) = q1.write(4096 + i * 8, pattern(4096, i as u8), false).await;
+                r
+            })
+            .collect();
+        for r in futures::future::join_all(futs).await {
+            r.map_err(|e| e.to_string())?;
+        }
+        let futs: Vec<_> = (0..64u64)
+            .map(|i| async move { (i, q1.read(4096 + i * 8, IoBuf::zeroed(4096)).await) })
+            .collect();
+        for (i, (r, got)) in futures::future::join_all(futs).await {
+            r.map_err(|e| e.to_string())?;
+            if got.as_slice() != pattern(4096, i as u8).as_slice() {
+                return Err(format!("parallel read {i} mismatch"));
+            }
+        }
+        Ok(())
+    })?;
+    out.map_err(anyhow::Error::msg)?;
+    client.shutdown();
+    dev.disconnect();
+    Ok(())
+}
+
+#[test]
+fn identify_multi_queue_io_without_digests() -> Result<()> {
+    io_roundtrip(false)
+}
+
+#[test]
+fn identify_multi_queue_io_with_digests() -> Result<()> {
+    io_roundtrip(true)
+}
+
+#[test]
+fn host_not_on_allow_list_is_refused() -> Result<()> {
+    let f = fixture(Some(vec![HOST.to_owned()]))?;
+    let other = "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000";
+    match NvmfDevice::connect(opts(&f, other)) {
+        Err(InitiatorError::Connect { status, .. }) => {
+            ensure!(status == Status::CONNECT_INVALID_HOST, "{status:?}")
+        }
+        Err(e) => anyhow::bail!("unexpected error {e}"),
+        Ok(_) => anyhow::bail!("a host not on the allow list connected"),
+    }
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    ensure!(dev.info().num_blocks == BLOCKS);
+    // Revoking the host drops its controller.
+    f.target.set_allowed_hosts(&f.nqn, Some(vec![]))?;
+    wait_for(|| f.target.list_subsystems()[0].controllers == 0)?;
+    Ok(())
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!("condition not met in 5 s")
+}
+
+/// A host speaking NVMe/TCP over a blocking socket, byte by byte.
+struct Raw {
+    s: TcpStream,
+    cid: u16,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Result<Raw> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut r = Raw { s, cid: 0 };
+        let req = IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: Digests::default(),
+            maxr2t: 0,
+        };
+        r.s.write_all(&req.encode())?;
+        let mut b = [0u8; 128];
+        r.s.read_exact(&mut b)?;
+        let resp = IcResp::parse(&b)?;
+        ensure!(resp.maxh2cdata >= 4096);
+        Ok(r)
+    }
+
+    fn send(&mut self, mut sqe: Sqe, data: &[u8], in_capsule: bool) -> Result<u16> {
+        self.cid += 1;
+        sqe.set_cid(self.cid);
+        sqe.set_sgl(data.len() as u32, in_capsule && !data.is_empty());
+        let mut out = Vec::new();
+        let n = if in_capsule { data.len() } else { 0 };
+        TxLayout::default().encode_header(&mut out, PduType::CapsuleCmd, 0, &sqe.0, n);
+        if in_capsule {
+            out.extend_from_slice(data);
+        }
+        self.s.write_all(&out)?;
+        Ok(self.cid)
+    }
+
+    /// Reads one PDU: (type, header, data).
+    fn recv(&mut self) -> Result<(u8, Vec<u8>, Vec<u8>)> {
+        let mut ch = [0u8; 8];
+        self.s.read_exact(&mut ch)?;
+        let h = CommonHeader::parse(&ch)?;
+        let mut rest = vec![0u8; h.plen as usize - 8];
+        self.s.read_exact(&mut rest)?;
+        let mut hdr = ch.to_vec();
+        hdr.extend_from_slice(&rest[..usize::from(h.hlen) - 8]);
+        let data = if h.pdo > 0 {
+            rest[usize::from(h.pdo) - 8..].to_vec()
+        } else {
+            rest[usize::from(h.hlen) - 8..].to_vec()
+        };
+        Ok((h.pdu_type, hdr, data))
+    }
+
+    /// Sends a command and waits for its response, collecting C2H data.
+    fn cmd(&mut self, sqe: Sqe, data: &[u8], in_len: usize) -> Result<(Cqe, Vec<u8>)> {
+        let mut s = sqe;
+        if in_len > 0 {
+            s.set_sgl(in_len as u32, false);
+        }
+        let cid = if in_len > 0 {
+            self.cid += 1;
+            s.set_cid(self.cid);
+            let mut out = Vec::new();
+            TxLayout::default().encode_header(&mut out, PduType::CapsuleCmd, 0, &s.0, 0);
+            self.s.write_all(&out)?;
+            self.cid
+        } else {
+            self.send(s, data, true)?
+        };
+        let mut got = Vec::new();
+        loop {
+            let (t, hdr, d) = self.recv()?;
+            match PduType::from_u8(t) {
+                Some(PduType::C2hData) => got.extend_from_slice(&d),
+                Some(PduType::CapsuleResp) => {
+                    let c = Cqe::parse(&hdr[8..]).context("cqe")?;
+                    ensure!(c.cid == cid, "cid {} != {cid}", c.cid);
+                    return Ok((c, got));
+                }
+                other => anyhow::bail!("unexpected PDU {other:?}"),
+            }
+        }
+    }
+
+    fn fabrics_connect(&mut self, nqn: &str, qid: u16, cntlid: u16, kato: u32) -> Result<Cqe> {
+        let mut sqe = Sqe::default();
+        sqe.set_opcode(fabrics::OPCODE);
+        sqe.0[4] = fabrics::CONNECT;
+        sqe.0[42..44].copy_from_slice(&qid.to_le_bytes());
+        sqe.0[44..46].copy_from_slice(&31u16.to_le_bytes());
+        sqe.0[48..52].copy_from_slice(&kato.to_le_bytes());
+        let data = ConnectData {
+            hostid: [1; 16],
+            cntlid,
+            subnqn: nqn.into(),
+            hostnqn: HOST.into(),
+        }
+        .encode();
+        Ok(self.cmd(sqe, &data, 0)?.0)
+    }
+
+    fn enable(&mut self) -> Result<()> {
+        let mut sqe = Sqe::default();
+        sqe.set_opcode(fabrics::OPCODE);
+        sqe.0[4] = fabrics::PROPERTY_SET;
+        sqe.0[44..48].copy_from_slice(&prop::CC.to_le_bytes());
+        sqe.0[48..52].copy_from_slice(&(1u32 | (6 << 16) | (4 << 20)).to_le_bytes());
+        let (c, _) = self.cmd(sqe, &[], 0)?;
+        ensure!(c.status.is_success());
+        Ok(())
+    }
+
+    fn expect_closed(&mut self) -> Result<()> {
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(0) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Ok(_) => anyhow::bail!("connection still sending"),
+            Err(e) => anyhow::bail!("connection not closed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn discovery_log_page_lists_the_subsystem() -> Result<()> {
+    let f = fixture(None)?;
+    let mut r = Raw::connect(f.target.local_addr())?;
+    let c = r.fabrics_connect(cairn_nvmf::DISCOVERY_NQN, 0, 0xffff, 0)?;
+    ensure!(c.status.is_success(), "{:?}", c.status);
+    r.enable()?;
+    let mut id = Sqe::default();
+    id.set_opcode(admin::IDENTIFY);
+    id.set_cdw(10, 1);
+    let (c, data) = r.cmd(id, &[], 4096)?;
+    ensure!(c.status.is_success() && data.len() == 4096);
+    ensure!(data[111] == 2, "discovery controller type");
+    ensure!(&data[768..768 + 36] == cairn_nvmf::DISCOVERY_NQN.as_bytes());
+    let (c, log) = r.cmd(
+        cairn_engine::initiator::get_log_page_sqe(0x70, 0, 4096),
+        &[],
+        4096,
+    )?;
+    ensure!(c.status.is_success());
+    let numrec = u64::from_le_bytes(log[8..16].try_into()?);
+    ensure!(numrec == 2, "numrec {numrec}");
+    let e = &log[1024..2048];
+    ensure!(e[0] == 3 && e[2] == 2, "trtype/subtype {} {}", e[0], e[2]);
+    let nqn = &e[256..256 + f.nqn.len()];
+    ensure!(nqn == f.nqn.as_bytes());
+    let port = f.target.local_addr().port().to_string();
+    ensure!(e[32..32 + port.len()] == *port.as_bytes());
+    ensure!(&e[512..521] == b"127.0.0.1");
+    Ok(())
+}
+
+#[test]
+fn malformed_pdu_gets_termination_and_others_keep_working() -> Result<()> {
+    let f = fixture(None)?;
+    let mut r = Raw::connect(f.target.local_addr())?;
+    // A capsule whose header length is wrong.
+    let mut bad = vec![0u8; 72];
+    CommonHeader {
+        pdu_type: PduType::CapsuleCmd as u8,
+        flags: 0,
+        hlen: 60,
+        pdo: 0,
+        plen: 72,
+    }
+    .write(&mut bad);
+    r.s.write_all(&bad)?;
+    let (t, hdr, echo) = r.recv()?;
+    ensure!(t == PduType::C2hTermReq as u8, "type {t}");
+    let term = pdu::TermReq::parse(&hdr)?;
+    ensure!(term.fes == pdu::Fes::InvalidHeaderField as u16 && term.fei == 2);
+    ensure!(echo[..8] == bad[..8]);
+    r.expect_closed()?;
+
+    // A data offset past the PDU.
+    let mut r = Raw::connect(f.target.local_addr())?;
+    CommonHeader {
+        pdu_type: PduType::CapsuleCmd as u8,
+        flags: 0,
+        hlen: 72,
+        pdo: 250,
+        plen: 100,
+    }
+    .write(&mut bad);
+    r.s.write_all(&bad)?;
+    r.s.write_all(&[0u8; 28])?;
+    let (t, hdr, _) = r.recv()?;
+    ensure!(t == PduType::C2hTermReq as u8);
+    ensure!(pdu::TermReq::parse(&hdr)?.fei == 3);
+    r.expect_closed()?;
+
+    // The target still serves a well-behaved host.
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    ensure!(dev.info().num_blocks == BLOCKS);
+    Ok(())
+}
+
+#[test]
+fn io_errors_carry_nvme_status() -> Result<()> {
+    let f = fixture(None)?;
+    let mut a = Raw::connect(f.target.local_addr())?;
+    let c = a.fabrics_connect(&f.nqn, 0, 0xffff, 0)?;
+    ensure!(c.status.is_success());
+    let cntlid = c.result as u16;
+    a.enable()?;
+    let mut q = Raw::connect(f.target.local_addr())?;
+    let c = q.fabrics_connect(&f.nqn, 1, cntlid, 0)?;
+    ensure!(c.status.is_success(), "io connect {:?}", c.status);
+
+    let read = |nsid: u32, slba: u64, blocks: u32| {
+        let mut s = Sqe::default();
+        s.set_opcode(io::READ);
+        s.set_nsid(nsid);
+        s.set_cdw(10, slba as u32);
+        s.set_cdw(11, (slba >> 32) as u32);
+        s.set_cdw(12, blocks - 1);
+        s
+    };
+    // Past the end.
+    let (c, _) = q.cmd(read(1, BLOCKS - 1, 2), &[], 1024)?;
+    ensure!(c.status == Status::LBA_RANGE, "{:?}", c.status);
+    // A namespace that does not exist.
+    let (c, _) = q.cmd(read(7, 0, 1), &[], 512)?;
+    ensure!(c.status == Status::INVALID_NS, "{:?}", c.status);
+    // An unknown opcode.
+    let mut s = Sqe::default();
+    s.set_opcode(0x7e);
+    s.set_nsid(1);
+    let (c, _) = q.cmd(s, &[], 0)?;
+    ensure!(c.status == Status::INVALID_OPCODE, "{:?}", c.status);
+    // A good read still works on the same queue.
+    let (c, d) = q.cmd(read(1, 0, 8), &[], 4096)?;
+    ensure!(c.status.is_success() && d.len() == 4096);
+    // An H2CData longer than MAXH2CDATA terminates the queue.
+    let mut s = Sqe::default();
+    s.set_opcode(io::WRITE);
+    s.set_nsid(1);
+    s.set_cdw(12, 2047);
+    q.send(s, &vec![0u8; 1 << 20], false)?;
+    let (t, hdr, _) = q.recv()?;
+    ensure!(t == PduType::R2t as u8, "expected R2T, got {t}");
+    let r2t = pdu::DataHeader::parse(&hdr)?;
+    ensure!(r2t.len == 1 << 20);
+    let mut h2c = Vec::new();
+    let len = 256 * 1024;
+    let dh = pdu::DataHeader {
+        cccid: r2t.cccid,
+        ttag: r2t.ttag,
+        offset: 0,
+        len,
+    };
+    TxLayout::default().encode_header(&mut h2c, PduType::H2cData, 0, &dh.bytes(), len as usize);
+    q.s.write_all(&h2c)?;
+    let (t, hdr, _) = q.recv()?;
+    ensure!(t == PduType::C2hTermReq as u8, "type {t}");
+    ensure!(pdu::TermReq::parse(&hdr)?.fes == pdu::Fes::DataLimitExceeded as u16);
+    Ok(())
+}
+
+#[test]
+fn removing_a_subsystem_disconnects_the_host() -> Result<()> {
+    let f = fixture(None)?;
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    let client = Reactors::start(1, "client")?;
+    let d = dev.clone();
+    let target = Arc::new(f.target);
+    let t2 = target.clone();
+    let nqn = f.nqn.clone();
+    let out: Result<(), String> = client.run(0, move || async move {
+        let q = d.open_channel().map_err(|e| e.to_string())?;
+        let (r, _) = q.read(0, IoBuf::zeroed(4096)).await;
+        r.map_err(|e| e.to_string())?;
+        t2.remove_subsystem(&nqn).map_err(|e| e.to_string())?;
+        // The queue's socket closes; I/O fails as unavailable.
+        for _ in 0..500 {
+            let (r, _) = q.read(0, IoBuf::zeroed(4096)).await;
+            match r {
+                Err(BdevError::Unavailable { .. }) => return Ok(()),
+                Err(e) => return Err(format!("unexpected error {e}")),
+                Ok(()) => monoio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        Err("I/O still succeeds after removal".into())
+    })?;
+    out.map_err(anyhow::Error::msg)?;
+    ensure!(target.list_subsystems().is_empty());
+    client.shutdown();
+    Ok(())
+}
+
+#[test]
+fn keep_alive_timeout_drops_a_silent_host() -> Result<()> {
+    let f = fixture(None)?;
+    let mut a = Raw::connect(f.target.local_addr())?;
+    let c = a.fabrics_connect(&f.nqn, 0, 0xffff, 300)?;
+    ensure!(c.status.is_success());
+    ensure!(f.target.list_subsystems()[0].controllers == 1);
+    let t = Instant::now();
+    a.expect_closed()?;
+    let waited = t.elapsed();
+    ensure!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "dropped after {waited:?}"
+    );
+    ensure!(f.target.list_subsystems()[0].controllers == 0);
+
+    // A host that keeps alive stays connected past the timeout.
+    let mut o = opts(&f, HOST);
+    o.kato = Duration::from_millis(300);
+    let dev = NvmfDevice::connect(o)?;
+    std::thread::sleep(Duration::from_millis(900));
+    ensure!(f.target.list_subsystems()[0].controllers == 1);
+    ensure!(dev.is_connected());
+    Ok(())
+}
