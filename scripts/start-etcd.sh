@@ -7,6 +7,11 @@
 # Clients use http://127.0.0.1:CLIENT_PORT (cairn: --store etcd://127.0.0.1:CLIENT_PORT).
 # Starting again on the same DATA_DIR and ports brings the same member back
 # with its data. The log goes to DATA_DIR.log. Stop it with `kill PID`.
+#
+# A member of a larger cluster: set CAIRN_ETCD_NAME and CAIRN_ETCD_INITIAL_CLUSTER
+# (name1=http://127.0.0.1:PEER1,name2=...) and start every member at once;
+# each waits until the cluster has a leader. CAIRN_ETCD_START_TIMEOUT (seconds,
+# default 20) bounds the wait.
 # Needs Debian's etcd-server package: apt-get install -y etcd-server
 set -euo pipefail
 
@@ -17,9 +22,9 @@ fi
 data_dir=$1
 client_port=$2
 peer_port=$3
-wait_secs=${ETCD_START_TIMEOUT:-20}
+wait_secs=${CAIRN_ETCD_START_TIMEOUT:-20}
 
-etcd_bin=${ETCD_BIN:-$(command -v etcd || true)}
+etcd_bin=${CAIRN_ETCD_BIN:-$(command -v etcd || true)}
 if [[ -z "$etcd_bin" || ! -x "$etcd_bin" ]]; then
     echo "etcd not found: install it with 'apt-get install -y etcd-server'" >&2
     exit 1
@@ -30,7 +35,12 @@ chmod 700 "$data_dir"
 log="${data_dir%/}.log"
 client_url="http://127.0.0.1:${client_port}"
 peer_url="http://127.0.0.1:${peer_port}"
-name=cairn
+name=${CAIRN_ETCD_NAME:-cairn}
+initial_cluster=${CAIRN_ETCD_INITIAL_CLUSTER:-${name}=${peer_url}}
+
+# etcd reads ETCD_* variables as flags and refuses to start when one
+# repeats a flag given here.
+while read -r var; do unset "$var"; done < <(compgen -e | grep '^ETCD_' || true)
 
 # setsid: the server outlives this script and its caller's process group.
 setsid "$etcd_bin" \
@@ -40,7 +50,7 @@ setsid "$etcd_bin" \
     --advertise-client-urls "$client_url" \
     --listen-peer-urls "$peer_url" \
     --initial-advertise-peer-urls "$peer_url" \
-    --initial-cluster "${name}=${peer_url}" \
+    --initial-cluster "$initial_cluster" \
     --initial-cluster-state new \
     --initial-cluster-token cairn-local \
     >>"$log" 2>&1 </dev/null &

@@ -5,7 +5,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_agent::store::etcd::{open_etcd, EtcdStore};
@@ -14,11 +14,14 @@ use cairn_agent::store::{Store, StoreError};
 /// The bound the tests give every store operation.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One single-member etcd with its data in a temporary directory.
+/// One etcd member with its data in a temporary directory.
 struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    name: String,
+    /// `name=peer_url,...` of every member, for a cluster of several.
+    initial_cluster: Option<String>,
     pid: Option<String>,
 }
 
@@ -31,19 +34,48 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    fn start() -> Etcd {
-        let mut etcd = Etcd {
+    fn new(name: &str) -> Etcd {
+        Etcd {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            name: name.to_owned(),
+            initial_cluster: None,
             pid: None,
-        };
+        }
+    }
+
+    /// A single-member cluster.
+    fn start() -> Etcd {
+        let mut etcd = Etcd::new("solo");
         etcd.restart();
         etcd
     }
 
+    /// A cluster of `n` members, started together (each waits for a quorum).
+    fn cluster(n: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..n).map(|i| Etcd::new(&format!("m{i}"))).collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = Some(initial.clone());
+        }
+        let starting: Vec<_> = members.iter().map(Etcd::launch).collect();
+        for (m, child) in members.iter_mut().zip(starting) {
+            m.started(child.wait_with_output().unwrap());
+        }
+        members
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
     }
 
     fn spec(&self) -> String {
@@ -54,25 +86,39 @@ impl Etcd {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))
     }
 
-    /// Starts the server on the same data directory and ports.
-    fn restart(&mut self) {
-        assert!(self.pid.is_none(), "etcd is already running");
+    /// Runs the start script; it exits once the member serves requests.
+    fn launch(&self) -> Child {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/start-etcd.sh");
-        let out = Command::new("bash")
-            .arg(&script)
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
             .arg(self.data_dir())
             .arg(self.client_port.to_string())
             .arg(self.peer_port.to_string())
-            .output()
-            .unwrap();
+            .env("CAIRN_ETCD_NAME", &self.name)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(initial) = &self.initial_cluster {
+            cmd.env("CAIRN_ETCD_INITIAL_CLUSTER", initial);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    fn started(&mut self, out: Output) {
         assert!(
             out.status.success(),
-            "could not start etcd; these tests need Debian's etcd-server: \
-             run `apt-get install -y etcd-server`\n{}{}",
+            "could not start etcd (these tests need Debian's etcd-server: \
+             `apt-get install -y etcd-server`)\n{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         self.pid = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+
+    /// Starts the server on the same data directory and ports.
+    fn restart(&mut self) {
+        assert!(self.pid.is_none(), "etcd is already running");
+        let out = self.launch().wait_with_output().unwrap();
+        self.started(out);
     }
 
     /// Sends `signal` (a `kill` name such as `STOP`) to the server.
@@ -166,16 +212,7 @@ async fn outage_fails_fast_and_restart_keeps_the_data() {
     etcd.restart();
     // The same handle reconnects by itself; allow it a few tries while its
     // connection comes back.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let listed = loop {
-        match store.list("/v1/").await {
-            Ok(listed) => break listed,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "store did not recover: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let (listed, _) = until_ok(Duration::from_secs(10), || store.list("/v1/")).await;
     let keys: Vec<(&str, &[u8], u64)> = listed
         .iter()
         .map(|(k, v)| (k.as_str(), v.value.as_slice(), v.version))
@@ -230,16 +267,7 @@ async fn frozen_etcd_times_out_then_recovers() {
     assert!(took_get >= OP_TIMEOUT - Duration::from_millis(100));
     etcd.signal("CONT");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let got = loop {
-        match store.get("/v1/k").await {
-            Ok(got) => break got,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "store did not recover: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let (got, _) = until_ok(Duration::from_secs(10), || store.get("/v1/k")).await;
     // The timed-out compare-and-put may or may not have reached etcd before
     // it froze; either way the key holds one of the two values, consistently.
     let got = got.unwrap();
@@ -252,8 +280,32 @@ async fn frozen_etcd_times_out_then_recovers() {
 }
 
 async fn open_etcd_with(etcd: &Etcd, timeout: Duration) -> EtcdStore {
-    let endpoints = [format!("http://127.0.0.1:{}", etcd.client_port)];
-    EtcdStore::connect(&endpoints, Some(timeout)).await.unwrap()
+    EtcdStore::connect(&[etcd.url()], Some(timeout))
+        .await
+        .unwrap()
+}
+
+/// Retries `op` until it succeeds, for at most `limit`; returns the value
+/// and how many calls failed first.
+async fn until_ok<T, Fut>(limit: Duration, mut op: impl FnMut() -> Fut) -> (T, usize)
+where
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut failed = 0;
+    loop {
+        match op().await {
+            Ok(v) => return (v, failed),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still failing after {limit:?}: {e}"
+                );
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -285,6 +337,47 @@ async fn an_unreachable_member_is_skipped() {
     let took = started.elapsed();
     println!("23 calls with one dead member listed first: {took:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_cluster_survives_losing_the_member_in_use() {
+    let mut members = Etcd::cluster(3);
+    let endpoints: Vec<String> = members.iter().map(Etcd::url).collect();
+    let store = EtcdStore::connect(&endpoints, Some(OP_TIMEOUT))
+        .await
+        .unwrap();
+    let v = store.put("/v1/volumes/a", b"a").await.unwrap();
+
+    // The store starts with the first member; losing it (perhaps the
+    // leader) may fail calls while the rest elect, but never for long and
+    // never with lost data. A read whose connection breaks moves on to the
+    // next member within the same call.
+    members[0].kill();
+    let started = Instant::now();
+    let (got, failed) = until_ok(Duration::from_secs(10), || store.get("/v1/volumes/a")).await;
+    println!(
+        "after losing a member of 3: first success after {:?}, {failed} failed calls",
+        started.elapsed()
+    );
+    assert_eq!(got.map(|g| (g.value, g.version)), Some((b"a".to_vec(), v)));
+    let v2 = store
+        .compare_and_put("/v1/volumes/a", b"a2", v)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(v2 > v);
+
+    // The lost member comes back and catches up; a store that knows only
+    // it reads the newest value.
+    members[0].restart();
+    let alone = EtcdStore::connect(&[members[0].url()], Some(OP_TIMEOUT))
+        .await
+        .unwrap();
+    let (got, _) = until_ok(Duration::from_secs(10), || alone.get("/v1/volumes/a")).await;
+    assert_eq!(
+        got.map(|g| (g.value, g.version)),
+        Some((b"a2".to_vec(), v2))
+    );
 }
 
 #[tokio::test]

@@ -170,6 +170,14 @@ fn never_applied(e: &etcd_client::Error) -> bool {
     false
 }
 
+/// Whether a request changes the store, and so must not be repeated when
+/// its outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
 impl EtcdStore {
     /// Connects to the etcd cluster at `endpoints` (`http://host:port`) and
     /// checks that some member answers. `timeout` bounds every operation,
@@ -217,7 +225,7 @@ impl EtcdStore {
         // One read tells a wrong address or a stopped cluster now rather
         // than at the first real operation.
         store
-            .bounded("connect", |mut kv| async move {
+            .bounded("connect", Op::Read, |mut kv| async move {
                 kv.get("/", Some(GetOptions::new().with_count_only())).await
             })
             .await?;
@@ -236,8 +244,9 @@ impl EtcdStore {
 
     /// Runs one request within the store's timeout, starting at the
     /// preferred member and moving on while the request certainly never
-    /// took effect. Every failure is [`StoreError::Unavailable`].
-    async fn bounded<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    /// took effect (a read may always move on). Every failure is
+    /// [`StoreError::Unavailable`].
+    async fn bounded<T, F, Fut>(&self, what: &str, op: Op, f: F) -> Result<T, StoreError>
     where
         F: Fn(KvClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -253,7 +262,7 @@ impl EtcdStore {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Ok(Err(e)) if never_applied(&e) => {
+                Ok(Err(e)) if op == Op::Read || never_applied(&e) => {
                     errors.push(format!("{}: {e}", member.url));
                 }
                 outcome => {
@@ -282,7 +291,11 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let resp = self
-            .bounded("get", |mut kv| async move { kv.get(key, None).await })
+            .bounded(
+                "get",
+                Op::Read,
+                |mut kv| async move { kv.get(key, None).await },
+            )
             .await?;
         match resp.kvs().first() {
             None => Ok(None),
@@ -295,10 +308,9 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
         let resp = self
-            .bounded(
-                "put",
-                |mut kv| async move { kv.put(key, value, None).await },
-            )
+            .bounded("put", Op::Write, |mut kv| async move {
+                kv.put(key, value, None).await
+            })
             .await?;
         header_version(key, resp.header())
     }
@@ -322,7 +334,7 @@ impl Store for EtcdStore {
             .when([compare])
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self
-            .bounded("compare-and-put", |mut kv| {
+            .bounded("compare-and-put", Op::Write, |mut kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             })
@@ -335,7 +347,9 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let resp = self
-            .bounded("delete", |mut kv| async move { kv.delete(key, None).await })
+            .bounded("delete", Op::Write, |mut kv| async move {
+                kv.delete(key, None).await
+            })
             .await?;
         Ok(resp.deleted() > 0)
     }
@@ -344,7 +358,7 @@ impl Store for EtcdStore {
         // etcd returns a range in ascending key (byte) order by default,
         // which is the order of the keys as strings.
         let resp = self
-            .bounded("list", |mut kv| async move {
+            .bounded("list", Op::Read, |mut kv| async move {
                 kv.get(prefix, Some(GetOptions::new().with_prefix())).await
             })
             .await?;
