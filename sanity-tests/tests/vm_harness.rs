@@ -46,7 +46,8 @@ fn vm_boots_and_loads_nvme_tcp() -> Result<()> {
 
 /// null_blk (memory backed) exported by the guest kernel's nvmet-tcp on the
 /// guest loopback, connected with `nvme connect`, with ext4 on top: the data
-/// must survive unmount, remount, disconnect and reconnect.
+/// must survive unmount, remount, disconnect and reconnect. udev runs, so
+/// the namespace must also show up under `/dev/disk/by-id`.
 const KERNEL_TARGET_SCRIPT: &str = r#"
 set -euo pipefail
 NQN=nqn.2024-01.dev.cairn:vm-selftest
@@ -100,6 +101,14 @@ connect() {
 }
 connect
 echo "STEP connected $DEV size=$(blockdev --getsize64 "$DEV")"
+# udev (started by the harness) links the namespace under /dev/disk/by-id.
+udevadm settle --timeout=30
+BYID=""
+for l in /dev/disk/by-id/nvme-*; do
+    [ "$(readlink -f "$l")" = "$DEV" ] && BYID=$l
+done
+[ -n "$BYID" ] || { ls -l /dev/disk/by-id >&2; echo "no by-id link for $DEV" >&2; exit 1; }
+echo "STEP by-id $BYID"
 
 mkfs.ext4 -q -F "$DEV"
 mkdir -p /mnt/t
@@ -146,6 +155,7 @@ echo "STEP cleaned up"
 fn vm_kernel_nvmet_tcp_null_blk_ext4_roundtrip() -> Result<()> {
     let out = Vm::new()
         .mem_mib(1536)
+        .udev(true)
         .timeout_secs(300)
         .run(KERNEL_TARGET_SCRIPT)
         .context("guest run")?;
@@ -160,6 +170,7 @@ fn vm_kernel_nvmet_tcp_null_blk_ext4_roundtrip() -> Result<()> {
         "STEP nvmet-tcp port up",
         "STEP connected /dev/nvme",
         "size=268435456",
+        "STEP by-id /dev/disk/by-id/nvme-",
         "STEP wrote sum=",
         "STEP remount sum=",
         "STEP disconnected",

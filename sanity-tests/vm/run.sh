@@ -156,8 +156,9 @@ timeout -k 5 "$TIMEOUT" "$QEMU" \
     -nodefaults -no-user-config -display none -monitor none -no-reboot \
     -machine pc "${ACCEL_ARGS[@]}" -smp "$CPUS" -m "$MEM" \
     -kernel "$VMLINUX" -initrd "$INITRD" \
-    -append "console=ttyS0,115200 panic=-1 quiet loglevel=4 mitigations=off tsc=reliable i8042.noaux i8042.nokbd" \
-    -drive "file=$ROOTIMG,format=raw,if=virtio,snapshot=on,cache=unsafe" \
+    -append "console=ttyS0,115200 panic=-1 quiet loglevel=4 mitigations=off tsc=reliable i8042.noaux i8042.nokbd modprobe.blacklist=floppy,kvm,kvm_amd,kvm_intel,ata_piix,ata_generic,pata_acpi,pcspkr,i2c_piix4,ccp" \
+    -drive "file=$ROOTIMG,format=raw,if=none,id=root,snapshot=on,cache=unsafe" \
+    -device virtio-blk-pci,drive=root,serial=cairn-root \
     -chardev "file,id=con,path=$CTL/console.log" -serial chardev:con \
     -chardev stdio,id=out,signal=off -serial chardev:out \
     -netdev user,id=n0,net=10.0.2.0/24,host=10.0.2.2,ipv6=off \
