@@ -499,7 +499,7 @@ impl NvmfChannel {
 
     fn rw_sqe(&self, opcode: u8, lba: u64, len: usize, fua: bool) -> Result<Sqe, BdevError> {
         let bs = self.q.block_size as usize;
-        if len == 0 || len % bs != 0 {
+        if len == 0 || !len.is_multiple_of(bs) {
             return Err(BdevError::Misaligned {
                 len,
                 block_size: self.q.block_size,

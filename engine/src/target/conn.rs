@@ -68,23 +68,8 @@ impl IoCtx {
 }
 
 /// Queues a response capsule, with read data before it.
-fn respond(
-    tx: &TxQueue,
-    layout: &TxLayout,
-    qid: u16,
-    cid: u16,
-    sqhd: u16,
-    status: Status,
-    result: u64,
-    data: Option<(IoBuf, usize)>,
-) {
-    let cqe = Cqe {
-        result,
-        sqhd,
-        sqid: qid,
-        cid,
-        status,
-    };
+fn respond(tx: &TxQueue, layout: &TxLayout, cqe: Cqe, data: Option<(IoBuf, usize)>) {
+    let cid = cqe.cid;
     tx.with(|b| {
         if let Some((buf, len)) = data {
             if len > 0 {
@@ -208,7 +193,14 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
             (st, None)
         }
     };
-    respond(&ctx.tx, &ctx.layout, ctx.qid, cid, sqhd, status, 0, data);
+    let cqe = Cqe {
+        result: 0,
+        sqhd,
+        sqid: ctx.qid,
+        cid,
+        status,
+    };
+    respond(&ctx.tx, &ctx.layout, cqe, data);
 }
 
 /// A command waiting for its data through R2T.
@@ -438,16 +430,14 @@ impl Queue {
             let len = d.len();
             (IoBuf::from_slice(&d), len)
         });
-        respond(
-            &self.tx,
-            &self.layout,
-            self.qid,
-            cid,
+        let cqe = Cqe {
+            result: r.result,
             sqhd,
-            r.status,
-            r.result,
-            data,
-        );
+            sqid: self.qid,
+            cid,
+            status: r.status,
+        };
+        respond(&self.tx, &self.layout, cqe, data);
     }
 
     fn on_capsule(&mut self, sqe: Sqe, data: Option<IoBuf>, digest_ok: bool) {

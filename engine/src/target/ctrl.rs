@@ -306,7 +306,7 @@ impl Controller {
             (lid::CHANGED_NS, true) => id::changed_ns_log(&[]).to_vec(),
             _ => return Reply::status(Status::INVALID_LOG_PAGE),
         };
-        if offset % 4 != 0 || offset > page.len() as u64 {
+        if !offset.is_multiple_of(4) || offset > page.len() as u64 {
             return Reply::status(Status::INVALID_FIELD);
         }
         let start = offset as usize;
