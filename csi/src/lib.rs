@@ -1,6 +1,15 @@
 //! Cairn's CSI driver: Identity, Controller and Node services.
+//!
+//! - [`identity`]: plugin name, capabilities, Probe.
+//! - [`controller`]: volumes through the agent's Control API.
+//! - [`node`]: NVMe-oF/TCP attach with nvme-cli, filesystems, mounts.
+//! - [`params`]: the StorageClass parameters.
+//!
+//! The generated CSI types are `cairn_proto::csi::v1` (spec v1.13.0).
 
 pub mod controller;
+pub mod identity;
+pub mod node;
 pub mod params;
 
 /// The CSI driver name Kubernetes objects refer to.
