@@ -96,6 +96,27 @@ fn row(r: &BenchResult) -> Vec<String> {
     ]
 }
 
+/// Reduces repeated runs to one per setup: for every name (in order of first
+/// appearance) the run with the median total IOPS (the lower middle one for
+/// an even count). On a noisy machine, alternate the setups' runs and
+/// compare medians rather than single runs.
+pub fn median_runs(results: &[BenchResult]) -> Vec<BenchResult> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in results {
+        if !names.contains(&r.name.as_str()) {
+            names.push(&r.name);
+        }
+    }
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let mut runs: Vec<&BenchResult> = results.iter().filter(|r| r.name == name).collect();
+            runs.sort_by(|a, b| a.total.iops.total_cmp(&b.total.iops));
+            runs.get((runs.len() - 1) / 2).map(|r| (*r).clone())
+        })
+        .collect()
+}
+
 /// The results as pretty-printed JSON (an array, in order).
 pub fn to_json(results: &[BenchResult]) -> Result<String, serde_json::Error> {
     serde_json::to_string_pretty(results)

@@ -87,6 +87,24 @@ fn ram_mixed_run_completes_with_consistent_counts() {
     assert_eq!(back[0].spec, r.spec);
     assert_eq!(back[0].total.ios, r.total.ios);
     assert!((back[0].total.latency.mean_us - r.total.latency.mean_us).abs() < 1e-9);
+
+    // Medians: three runs of "a" (IOPS 3, 1, 2) and one of "b".
+    let with = |name: &str, iops: f64| {
+        let mut x = r.clone();
+        x.name = name.to_owned();
+        x.total.iops = iops;
+        x
+    };
+    let runs = [
+        with("a", 3.0),
+        with("b", 9.0),
+        with("a", 1.0),
+        with("a", 2.0),
+    ];
+    let med = cairn_bench::median_runs(&runs);
+    assert_eq!(med.len(), 2);
+    assert_eq!((med[0].name.as_str(), med[0].total.iops), ("a", 2.0));
+    assert_eq!((med[1].name.as_str(), med[1].total.iops), ("b", 9.0));
 }
 
 #[test]
