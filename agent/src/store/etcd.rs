@@ -11,11 +11,12 @@
 //! waiting for etcd to come back. The clients reconnect by themselves, so
 //! the same [`EtcdStore`] works again once etcd does.
 //!
-//! With several endpoints the store talks to one member at a time. A
-//! request that provably never took effect (the connection could not be
-//! made, or the member has no leader) moves on to the next member within
-//! the same call; one whose outcome is unknown (it timed out or the
-//! connection broke) fails, and the next call starts at the next member.
+//! With several endpoints the store talks to one member at a time. Within
+//! one call, a read that fails moves on to the next member, and so does a
+//! write that provably never took effect (the connection could not be made,
+//! or the member has no leader). A write whose outcome is unknown (it timed
+//! out or the connection broke) fails, and the next call starts at the next
+//! member.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -432,6 +433,31 @@ mod tests {
         assert!(version("/k", 0).is_err());
         assert!(version("/k", -3).is_err());
         assert_eq!(version("/k", 9).unwrap(), 9);
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_known_not_applied() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::connect([format!("http://127.0.0.1:{port}")], None)
+            .await
+            .unwrap();
+        let err = client
+            .kv_client()
+            .put("/k", "v", None)
+            .await
+            .expect_err("nothing listens there");
+        assert!(never_applied(&err), "{err:?}");
+
+        let no_leader = tonic::Status::unavailable("etcdserver: no leader");
+        assert!(never_applied(&etcd_client::Error::GRpcStatus(no_leader)));
+        let timed_out = tonic::Status::unavailable("etcdserver: request timed out");
+        assert!(!never_applied(&etcd_client::Error::GRpcStatus(timed_out)));
+        let unknown = tonic::Status::unknown("transport error");
+        assert!(!never_applied(&etcd_client::Error::GRpcStatus(unknown)));
     }
 
     /// One etcd server on free loopback ports, started by
