@@ -56,6 +56,7 @@ step() {
         printf '[build-image] %-10s cached\n' "$name" >&2
         return 0
     fi
+    [[ $(id -u) == 0 ]] || die "step $name must be built as root (debootstrap, chroot, mkfs -d ownership)"
     t0=$(date +%s.%N)
     log "$name: building"
     rm -f "$stamp"
@@ -78,25 +79,31 @@ apt_download() {
 installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
 
 first_deps() {
-    # The Depends/Pre-Depends of a package, first alternative of each group only.
+    # The Depends/Pre-Depends of the given packages, first alternative of
+    # each group only (one apt-cache call: it is slow to start).
     apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
-        --no-replaces --no-enhances "$1" 2>/dev/null |
-        awk 'NR>1 { alt=prev; prev=($1 ~ /^\|/); if (alt) next;
-                    if ($1 ~ /Depends:$/ && $2 !~ /^</) print $2 }'
+        --no-replaces --no-enhances "$@" 2>/dev/null |
+        awk '/^[^ ]/ { prev=0; next }
+             { alt=prev; prev=($1 ~ /^\|/); if (alt) next;
+               if ($1 ~ /Depends:$/ && $2 !~ /^</) print $2 }' | sort -u
 }
 
 closure_not_installed() {
-    # Packages needed by "$@" (recursively) that the host does not have.
+    # Packages needed by "$@" (recursively) that the host does not have,
+    # resolved breadth first, one apt-cache call per level.
     local -A seen=()
-    local queue=("$@") out=() p d
-    while ((${#queue[@]})); do
-        p=${queue[0]}
-        queue=("${queue[@]:1}")
-        [[ -n ${seen[$p]:-} ]] && continue
-        seen[$p]=1
-        installed "$p" && continue
-        out+=("$p")
-        for d in $(first_deps "$p"); do queue+=("$d"); done
+    local level=("$@") next out=() p
+    while ((${#level[@]})); do
+        next=()
+        for p in "${level[@]}"; do
+            [[ -n ${seen[$p]:-} ]] && continue
+            seen[$p]=1
+            installed "$p" && continue
+            out+=("$p")
+            next+=("$p")
+        done
+        ((${#next[@]})) || break
+        mapfile -t level < <(first_deps "${next[@]}")
     done
     echo "${out[@]}"
 }
@@ -262,11 +269,15 @@ build_initramfs() {
 
 # ---------------------------------------------------------------- main
 
-[[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mkfs -d ownership)"
-need apt-get apt-cache dpkg dpkg-query xz gzip mkfs.ext4 chroot flock wget gpgv perl grep awk tar
-mkdir -p "$CACHE"
-exec 9>"$CACHE/.lock"
-flock 9
+if [[ $(id -u) == 0 ]]; then
+    need apt-get apt-cache dpkg dpkg-query xz gzip mkfs.ext4 chroot flock wget gpgv perl grep awk tar
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    flock 9
+else
+    # Without root only a complete cache passes (each step checks its stamp).
+    [[ -d $CACHE ]] || die "no VM cache at $CACHE; build it as root first"
+fi
 
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
@@ -277,7 +288,7 @@ step rootfs "recipe=$R_ROOTFS $SUITE minbase $ROOTFS_PACKAGES" build_rootfs
 step image "recipe=$R_IMAGE kernel=$(cat "$CACHE/kernel/version") rootfs=$(cat "$CACHE/stamps/rootfs" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/init.sh") excl=$(echo "$MODULES_EXCLUDE" | sha256sum | cut -c1-8)" build_image
 step initramfs "recipe=$R_INITRAMFS image=$(cat "$CACHE/stamps/image" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/initramfs-init.sh") mods=$INITRAMFS_MODULES" build_initramfs
 
-{
+[[ $(id -u) == 0 ]] && {
     echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "kernel=$(cat "$CACHE/kernel/version")"
     echo "qemu=$(grep -o 'qemu-system-x86_[^_]*' "$CACHE/qemu/packages.txt" | head -1)"
