@@ -269,29 +269,37 @@ build_initramfs() {
 
 # ---------------------------------------------------------------- main
 
-if [[ $(id -u) == 0 ]]; then
-    need apt-get apt-cache dpkg dpkg-query xz gzip mkfs.ext4 chroot flock wget gpgv perl grep awk tar
-    mkdir -p "$CACHE"
-    exec 9>"$CACHE/.lock"
-    flock 9
-else
-    # Without root only a complete cache passes (each step checks its stamp).
-    [[ -d $CACHE ]] || die "no VM cache at $CACHE; build it as root first"
-fi
+# The whole main part is one function, so bash has parsed all of it before
+# running: editing this file while a build runs cannot derail that build.
+main() {
 
-hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+    if [[ $(id -u) == 0 ]]; then
+        need apt-get apt-cache dpkg dpkg-query xz gzip mkfs.ext4 chroot flock wget gpgv perl grep awk tar
+        mkdir -p "$CACHE"
+        exec 9>"$CACHE/.lock"
+        flock 9
+    else
+        # Without root only a complete cache passes (each step checks its stamp).
+        [[ -d $CACHE ]] || die "no VM cache at $CACHE; build it as root first"
+    fi
 
-step qemu "recipe=$R_QEMU qemu-system-x86 $SUITE" build_qemu
-step kernel "recipe=$R_KERNEL linux-image-amd64 $SUITE" build_kernel
-step tools "recipe=$R_TOOLS busybox-static debootstrap" build_tools
-step rootfs "recipe=$R_ROOTFS $SUITE minbase $ROOTFS_PACKAGES" build_rootfs
-step image "recipe=$R_IMAGE kernel=$(cat "$CACHE/kernel/version") rootfs=$(cat "$CACHE/stamps/rootfs" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/init.sh") excl=$(echo "$MODULES_EXCLUDE" | sha256sum | cut -c1-8)" build_image
-step initramfs "recipe=$R_INITRAMFS image=$(cat "$CACHE/stamps/image" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/initramfs-init.sh") mods=$INITRAMFS_MODULES" build_initramfs
+    hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
-[[ $(id -u) == 0 ]] && {
-    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "kernel=$(cat "$CACHE/kernel/version")"
-    echo "qemu=$(grep -o 'qemu-system-x86_[^_]*' "$CACHE/qemu/packages.txt" | head -1)"
-    for s in qemu kernel tools rootfs image initramfs; do echo "$s: $(cat "$CACHE/stamps/$s")"; done
-} >"$CACHE/stamp"
-printf '[build-image] done in %.1fs: %s\n' "$(awk "BEGIN{print $(date +%s.%N)-$TOTAL0}")" "$CACHE" >&2
+    step qemu "recipe=$R_QEMU qemu-system-x86 $SUITE" build_qemu
+    step kernel "recipe=$R_KERNEL linux-image-amd64 $SUITE" build_kernel
+    step tools "recipe=$R_TOOLS busybox-static debootstrap" build_tools
+    step rootfs "recipe=$R_ROOTFS $SUITE minbase $ROOTFS_PACKAGES" build_rootfs
+    step image "recipe=$R_IMAGE kernel=$(cat "$CACHE/kernel/version") rootfs=$(cat "$CACHE/stamps/rootfs" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/init.sh") excl=$(echo "$MODULES_EXCLUDE" | sha256sum | cut -c1-8)" build_image
+    step initramfs "recipe=$R_INITRAMFS image=$(cat "$CACHE/stamps/image" | sha256sum | cut -c1-8) init=$(hash_of "$HERE/guest/initramfs-init.sh") mods=$INITRAMFS_MODULES" build_initramfs
+
+    [[ $(id -u) == 0 ]] && {
+        echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "kernel=$(cat "$CACHE/kernel/version")"
+        echo "qemu=$(grep -o 'qemu-system-x86_[^_]*' "$CACHE/qemu/packages.txt" | head -1)"
+        for s in qemu kernel tools rootfs image initramfs; do echo "$s: $(cat "$CACHE/stamps/$s")"; done
+    } >"$CACHE/stamp"
+    printf '[build-image] done in %.1fs: %s\n' "$(awk "BEGIN{print $(date +%s.%N)-$TOTAL0}")" "$CACHE" >&2
+}
+
+main "$@"
+exit $?

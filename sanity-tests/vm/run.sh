@@ -30,6 +30,10 @@
 # (missing image, QEMU failure, guest that never ran the command).
 set -uo pipefail
 
+# One compound command: bash parses all of it before running, so editing
+# this file during a run cannot derail the run.
+{
+
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${CAIRN_VM_CACHE:-/var/cache/cairn-vm}"
 CPUS=2
@@ -198,3 +202,5 @@ STATUS=$(cat "$CTL/status")
 echo "[cairn-vm] guest command exited $STATUS after ${ELAPSED}s (accel $ACCEL, $CPUS vCPUs, $MEM)" >&2
 result "status $STATUS"
 exit "$STATUS"
+exit 125
+}
