@@ -5,7 +5,10 @@
 //! io_uring reactors. The gRPC control API runs on a separate tokio runtime
 //! and reaches the data path only through the target's registry.
 
+pub mod core;
+pub mod daemon;
 pub mod initiator;
 pub mod nexus;
 pub mod reactor;
+pub mod service;
 pub mod target;

@@ -1,0 +1,559 @@
+//! The engine's state: pools, shared replicas and nexuses, and the target
+//! that exports them. Control operations are synchronous and called from
+//! the gRPC runtime's blocking pool; the data path never waits on them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cairn_bdev::BlockDevice;
+use cairn_pool::{Pool, PoolCreate, PoolError, Replica, ReplicaCreate};
+use uuid::Uuid;
+
+use crate::nexus::{ChildState, Nexus, NexusError};
+use crate::target::{NamespaceConfig, SubsystemConfig, Target, TargetError};
+
+/// NQN prefix of subsystems that publish volumes (nexuses).
+pub const VOLUME_NQN_PREFIX: &str = "nqn.2024-01.dev.cairn:vol:";
+/// NQN prefix of subsystems that share single replicas.
+pub const REPLICA_NQN_PREFIX: &str = "nqn.2024-01.dev.cairn:replica:";
+
+/// The NQN that publishes volume `uuid`.
+pub fn volume_nqn(uuid: &Uuid) -> String {
+    format!("{VOLUME_NQN_PREFIX}{uuid}")
+}
+
+/// The NQN that shares replica `uuid`.
+pub fn replica_nqn(uuid: &Uuid) -> String {
+    format!("{REPLICA_NQN_PREFIX}{uuid}")
+}
+
+/// A 20-character serial number derived from a UUID.
+pub fn serial_for(uuid: &Uuid) -> String {
+    uuid.simple().to_string()[..20].to_owned()
+}
+
+/// Why an engine operation failed. Mapped to gRPC codes in one place
+/// (`crate::service`).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Nexus(#[from] NexusError),
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{what} already exists with other parameters")]
+    AlreadyExists { what: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{what} is in use: {reason}")]
+    Busy { what: String, reason: String },
+    #[error("{disk} holds data that is not a Cairn pool; refusing to overwrite it")]
+    NotAPool { disk: String },
+    #[error("cannot reach child {uri}: {reason}")]
+    ChildUnreachable { uri: String, reason: String },
+    #[error("{op} failed: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A nexus and what it was made from.
+pub struct NexusEntry {
+    pub uuid: Uuid,
+    pub size_bytes: u64,
+    pub nexus: Arc<Nexus>,
+    pub nqn: String,
+    pub allowed_hosts: Vec<String>,
+    /// Child URIs, in creation order.
+    pub uris: Vec<String>,
+}
+
+/// Opens a remote child given as `nvmf://host:port/nqn`.
+pub type RemoteOpener =
+    dyn Fn(&str, &str, u32) -> Result<Arc<dyn BlockDevice>, String> + Send + Sync;
+
+/// The engine.
+pub struct Engine {
+    target: Target,
+    host_nqn: String,
+    pools: Mutex<BTreeMap<String, Arc<Pool>>>,
+    /// Replica uuid -> allowed hosts, for shared replicas.
+    shares: Mutex<BTreeMap<Uuid, Vec<String>>>,
+    nexuses: Mutex<BTreeMap<Uuid, NexusEntry>>,
+    remote: Box<RemoteOpener>,
+}
+
+/// Whether the first bytes of a disk are all zeros (a blank disk or new file).
+fn is_blank(path: &Path) -> Result<bool, EngineError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|source| EngineError::Io {
+        op: format!("open {}", path.display()),
+        source,
+    })?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(source) => {
+                return Err(EngineError::Io {
+                    op: format!("read {}", path.display()),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(buf[..n].iter().all(|&b| b == 0))
+}
+
+fn parse_uuid(kind: &'static str, s: &str) -> Result<Uuid, EngineError> {
+    Uuid::parse_str(s)
+        .map_err(|_| EngineError::InvalidArgument(format!("{kind} id {s:?} is not a UUID")))
+}
+
+impl Engine {
+    /// An engine exporting through `target`, connecting to remote children
+    /// with `remote` (host:port, nqn, own host NQN).
+    pub fn new(target: Target, host_nqn: String, remote: Box<RemoteOpener>) -> Self {
+        Engine {
+            target,
+            host_nqn,
+            pools: Mutex::default(),
+            shares: Mutex::default(),
+            nexuses: Mutex::default(),
+            remote,
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn host_nqn(&self) -> &str {
+        &self.host_nqn
+    }
+
+    // ---- pools ---------------------------------------------------------
+
+    /// Creates a pool on `disk`, or imports the pool of that name already
+    /// there. A disk holding anything else is refused.
+    pub fn create_pool(
+        &self,
+        name: &str,
+        disk: &Path,
+        create_file_size: u64,
+        cluster_size: u32,
+    ) -> Result<Arc<Pool>, EngineError> {
+        if name.is_empty() {
+            return Err(EngineError::InvalidArgument("pool name is empty".into()));
+        }
+        if let Some(p) = self.pools.lock().expect("poisoned").get(name) {
+            if p.path() == disk {
+                return Ok(p.clone());
+            }
+            return Err(EngineError::AlreadyExists {
+                what: format!("pool {name} (on {})", p.path().display()),
+            });
+        }
+        if !disk.exists() {
+            if create_file_size == 0 {
+                return Err(EngineError::NotFound {
+                    kind: "disk",
+                    id: disk.display().to_string(),
+                });
+            }
+            let f = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(disk)
+                .and_then(|f| f.set_len(create_file_size))
+                .map_err(|source| EngineError::Io {
+                    op: format!("create {}", disk.display()),
+                    source,
+                });
+            f?;
+        }
+        let pool = match Pool::import(disk) {
+            Ok(pool) if pool.name() == name => pool,
+            Ok(pool) => {
+                let other = pool.name().to_owned();
+                pool.export()?;
+                return Err(EngineError::AlreadyExists {
+                    what: format!("a pool named {other} on {}", disk.display()),
+                });
+            }
+            Err(PoolError::BadMagic { .. }) if is_blank(disk)? => Pool::create(
+                disk,
+                PoolCreate {
+                    name: name.to_owned(),
+                    uuid: Uuid::new_v4(),
+                    cluster_size: if cluster_size == 0 {
+                        cairn_pool::DEFAULT_CLUSTER_SIZE
+                    } else {
+                        cluster_size
+                    },
+                },
+            )?,
+            Err(PoolError::BadMagic { .. }) => {
+                return Err(EngineError::NotAPool {
+                    disk: disk.display().to_string(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.pools
+            .lock()
+            .expect("poisoned")
+            .insert(name.to_owned(), pool.clone());
+        tracing::info!(pool = name, disk = %disk.display(), "pool imported");
+        Ok(pool)
+    }
+
+    /// Imports the pool on `disk` under the name it records.
+    pub fn import_pool(&self, disk: &Path) -> Result<Arc<Pool>, EngineError> {
+        let mut pools = self.pools.lock().expect("poisoned");
+        if let Some(p) = pools.values().find(|p| p.path() == disk) {
+            return Ok(p.clone());
+        }
+        let pool = Pool::import(disk)?;
+        if pools.contains_key(pool.name()) {
+            let name = pool.name().to_owned();
+            pool.export()?;
+            return Err(EngineError::AlreadyExists {
+                what: format!("pool {name}"),
+            });
+        }
+        pools.insert(pool.name().to_owned(), pool.clone());
+        Ok(pool)
+    }
+
+    fn pool(&self, name: &str) -> Result<Arc<Pool>, EngineError> {
+        self.pools
+            .lock()
+            .expect("poisoned")
+            .get(name)
+            .cloned()
+            .ok_or(EngineError::NotFound {
+                kind: "pool",
+                id: name.to_owned(),
+            })
+    }
+
+    fn check_pool_idle(&self, pool: &Pool) -> Result<(), EngineError> {
+        let shares = self.shares.lock().expect("poisoned");
+        let nexuses = self.nexuses.lock().expect("poisoned");
+        for r in pool.replicas() {
+            if shares.contains_key(&r.uuid())
+                || nexuses
+                    .values()
+                    .any(|n| n.uris.contains(&local_uri(&r.uuid())))
+            {
+                return Err(EngineError::Busy {
+                    what: format!("pool {}", pool.name()),
+                    reason: format!("replica {} is shared or in a nexus", r.uuid()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Exports (closes) a pool; its data stays on disk.
+    pub fn export_pool(&self, name: &str) -> Result<(), EngineError> {
+        let pool = self.pool(name)?;
+        self.check_pool_idle(&pool)?;
+        pool.export()?;
+        self.pools.lock().expect("poisoned").remove(name);
+        Ok(())
+    }
+
+    /// Destroys a pool that holds no replicas.
+    pub fn destroy_pool(&self, name: &str) -> Result<(), EngineError> {
+        let pool = match self.pool(name) {
+            Ok(p) => p,
+            Err(EngineError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.check_pool_idle(&pool)?;
+        pool.destroy()?;
+        self.pools.lock().expect("poisoned").remove(name);
+        Ok(())
+    }
+
+    /// Every imported pool.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    // ---- replicas ------------------------------------------------------
+
+    /// Finds a replica in any pool.
+    pub fn replica(&self, uuid: &Uuid) -> Result<(Arc<Pool>, Arc<Replica>), EngineError> {
+        for p in self.pools() {
+            if let Ok(r) = p.replica(*uuid) {
+                return Ok((p, r));
+            }
+        }
+        Err(EngineError::NotFound {
+            kind: "replica",
+            id: uuid.to_string(),
+        })
+    }
+
+    /// Creates a replica (idempotent for equal parameters).
+    pub fn create_replica(
+        &self,
+        pool: &str,
+        uuid: &str,
+        name: &str,
+        size: u64,
+        thin: bool,
+    ) -> Result<Arc<Replica>, EngineError> {
+        let uuid = parse_uuid("replica", uuid)?;
+        if let Ok((p, r)) = self.replica(&uuid) {
+            if p.name() != pool || r.size() != size || r.is_thin() != thin {
+                return Err(EngineError::AlreadyExists {
+                    what: format!("replica {uuid}"),
+                });
+            }
+            return Ok(r);
+        }
+        Ok(self.pool(pool)?.create_replica(ReplicaCreate {
+            uuid,
+            name: name.to_owned(),
+            size,
+            thin,
+        })?)
+    }
+
+    /// Destroys a replica that is neither shared nor in a nexus.
+    pub fn destroy_replica(&self, uuid: &str) -> Result<(), EngineError> {
+        let uuid = parse_uuid("replica", uuid)?;
+        let (pool, _) = self.replica(&uuid)?;
+        if self.shares.lock().expect("poisoned").contains_key(&uuid) {
+            self.unshare_replica(&uuid.to_string())?;
+        }
+        if let Some(n) = self
+            .nexuses
+            .lock()
+            .expect("poisoned")
+            .values()
+            .find(|n| n.uris.contains(&local_uri(&uuid)))
+        {
+            return Err(EngineError::Busy {
+                what: format!("replica {uuid}"),
+                reason: format!("it is a child of nexus {}", n.uuid),
+            });
+        }
+        pool.destroy_replica(uuid)?;
+        Ok(())
+    }
+
+    /// Grows a replica.
+    pub fn resize_replica(&self, uuid: &str, size: u64) -> Result<Arc<Replica>, EngineError> {
+        let uuid = parse_uuid("replica", uuid)?;
+        let (pool, _) = self.replica(&uuid)?;
+        pool.resize_replica(uuid, size)?;
+        Ok(pool.replica(uuid)?)
+    }
+
+    /// Exports a replica as its own subsystem to `allowed` hosts (any host
+    /// when empty); sharing again updates the allow-list.
+    pub fn share_replica(
+        &self,
+        uuid: &str,
+        allowed: Vec<String>,
+    ) -> Result<Arc<Replica>, EngineError> {
+        let uuid = parse_uuid("replica", uuid)?;
+        let (_, replica) = self.replica(&uuid)?;
+        let nqn = replica_nqn(&uuid);
+        let mut shares = self.shares.lock().expect("poisoned");
+        let hosts = (!allowed.is_empty()).then(|| allowed.clone());
+        if shares.contains_key(&uuid) {
+            self.target.set_allowed_hosts(&nqn, hosts)?;
+        } else {
+            self.target.add_subsystem(SubsystemConfig {
+                nqn,
+                serial: serial_for(&uuid),
+                model: None,
+                namespaces: vec![NamespaceConfig {
+                    nsid: 1,
+                    uuid,
+                    device: replica.clone(),
+                }],
+                allowed_hosts: hosts,
+            })?;
+        }
+        shares.insert(uuid, allowed);
+        Ok(replica)
+    }
+
+    /// Stops exporting a replica; idempotent.
+    pub fn unshare_replica(&self, uuid: &str) -> Result<(), EngineError> {
+        let uuid = parse_uuid("replica", uuid)?;
+        if self
+            .shares
+            .lock()
+            .expect("poisoned")
+            .remove(&uuid)
+            .is_some()
+        {
+            match self.target.remove_subsystem(&replica_nqn(&uuid)) {
+                Ok(()) | Err(TargetError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The allow-list of a shared replica, if shared.
+    pub fn share_of(&self, uuid: &Uuid) -> Option<Vec<String>> {
+        self.shares.lock().expect("poisoned").get(uuid).cloned()
+    }
+
+    // ---- nexuses -------------------------------------------------------
+
+    fn open_child(&self, uri: &str) -> Result<Arc<dyn BlockDevice>, EngineError> {
+        let unreachable = |reason: String| EngineError::ChildUnreachable {
+            uri: uri.to_owned(),
+            reason,
+        };
+        if let Some(id) = uri.strip_prefix("replica:///") {
+            let uuid = parse_uuid("replica", id)?;
+            let (_, r) = self.replica(&uuid)?;
+            return Ok(r);
+        }
+        if let Some(rest) = uri.strip_prefix("nvmf://") {
+            let (addr, nqn) = rest.split_once('/').ok_or_else(|| {
+                EngineError::InvalidArgument(format!("child {uri:?} lacks an NQN"))
+            })?;
+            return (self.remote)(addr, nqn, 1).map_err(unreachable);
+        }
+        Err(EngineError::InvalidArgument(format!(
+            "child {uri:?} is neither replica:///UUID nor nvmf://HOST:PORT/NQN"
+        )))
+    }
+
+    /// Creates a nexus and publishes it; idempotent for the same volume.
+    pub fn create_nexus(
+        &self,
+        uuid: &str,
+        size_bytes: u64,
+        children: &[String],
+        allowed: Vec<String>,
+    ) -> Result<(), EngineError> {
+        let uuid = parse_uuid("nexus", uuid)?;
+        if let Some(n) = self.nexuses.lock().expect("poisoned").get(&uuid) {
+            if n.size_bytes != size_bytes {
+                return Err(EngineError::AlreadyExists {
+                    what: format!("nexus {uuid}"),
+                });
+            }
+            if n.allowed_hosts != allowed {
+                let hosts = (!allowed.is_empty()).then(|| allowed.clone());
+                self.target.set_allowed_hosts(&n.nqn, hosts)?;
+            }
+            return Ok(());
+        }
+        let mut devices = Vec::with_capacity(children.len());
+        for uri in children {
+            devices.push((uri.clone(), self.open_child(uri)?));
+        }
+        let nexus = Arc::new(Nexus::new(size_bytes, devices)?);
+        let nqn = volume_nqn(&uuid);
+        self.target.add_subsystem(SubsystemConfig {
+            nqn: nqn.clone(),
+            serial: serial_for(&uuid),
+            model: None,
+            namespaces: vec![NamespaceConfig {
+                nsid: 1,
+                uuid,
+                device: nexus.clone(),
+            }],
+            allowed_hosts: (!allowed.is_empty()).then(|| allowed.clone()),
+        })?;
+        tracing::info!(nexus = %uuid, children = children.len(), "nexus published");
+        self.nexuses.lock().expect("poisoned").insert(
+            uuid,
+            NexusEntry {
+                uuid,
+                size_bytes,
+                nexus,
+                nqn,
+                allowed_hosts: allowed,
+                uris: children.to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Unpublishes and drops a nexus; unknown is NotFound.
+    pub fn destroy_nexus(&self, uuid: &str) -> Result<(), EngineError> {
+        let uuid = parse_uuid("nexus", uuid)?;
+        let entry =
+            self.nexuses
+                .lock()
+                .expect("poisoned")
+                .remove(&uuid)
+                .ok_or(EngineError::NotFound {
+                    kind: "nexus",
+                    id: uuid.to_string(),
+                })?;
+        match self.target.remove_subsystem(&entry.nqn) {
+            Ok(()) | Err(TargetError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(nexus = %uuid, "nexus destroyed");
+        Ok(())
+    }
+
+    /// Visits every nexus with its children's states.
+    pub fn nexuses<T>(&self, f: impl Fn(&NexusEntry, Vec<(String, ChildState)>) -> T) -> Vec<T> {
+        self.nexuses
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|n| {
+                let states = n
+                    .nexus
+                    .children()
+                    .iter()
+                    .map(|c| (c.uri().to_owned(), c.state()))
+                    .collect();
+                f(n, states)
+            })
+            .collect()
+    }
+
+    /// Stops serving: unpublishes everything and closes the pools cleanly.
+    pub fn shutdown(&self) {
+        self.target.shutdown();
+        self.nexuses.lock().expect("poisoned").clear();
+        self.shares.lock().expect("poisoned").clear();
+        for (name, pool) in std::mem::take(&mut *self.pools.lock().expect("poisoned")) {
+            if let Err(e) = pool.export() {
+                tracing::warn!(pool = %name, error = %e, "pool export at shutdown failed");
+            }
+        }
+    }
+
+    /// The paths of imported pools.
+    pub fn pool_paths(&self) -> Vec<PathBuf> {
+        self.pools().iter().map(|p| p.path().to_owned()).collect()
+    }
+}
+
+fn local_uri(uuid: &Uuid) -> String {
+    format!("replica:///{uuid}")
+}
