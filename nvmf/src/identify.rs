@@ -98,6 +98,12 @@ pub fn identify_controller(c: &ControllerIdentity<'_>) -> [u8; IDENTIFY_LEN] {
     put_str(&mut b[24..64], c.model);
     put_str(&mut b[64..72], c.firmware);
     b[72] = 6; // rab
+               // cmic: the subsystem may have several controllers (hosts reconnect
+               // while an old association lingers; several paths later), as the Linux
+               // target reports.
+    if !c.discovery {
+        b[76] = 0x02;
+    }
     b[77] = c.mdts;
     put16(&mut b, 78, c.cntlid);
     put32(&mut b, 80, NVME_VERSION);
@@ -156,6 +162,7 @@ pub fn identify_namespace(n: &NamespaceIdentity) -> [u8; IDENTIFY_LEN] {
     b[26] = 0; // flbas: format 0
                // dlfeat: write zeroes may deallocate; deallocated blocks read zeros.
     b[33] = 0x08 | u8::from(n.dealloc_reads_zeroes);
+    b[30] = 0x01; // nmic: may be shared by several controllers
     b[99] = u8::from(n.write_protected); // nsattr
     b[104..120].copy_from_slice(&n.uuid); // nguid
     let lbads = n.block_size.trailing_zeros();
