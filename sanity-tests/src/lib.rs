@@ -7,4 +7,4 @@
 
 pub mod vm;
 
-pub use vm::{Vm, VmError, VmOutput, HOST_ADDR_FROM_GUEST};
+pub use vm::{Vm, VmError, VmOutput, GUEST_ADDR, HOST_ADDR_FROM_GUEST};

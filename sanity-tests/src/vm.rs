@@ -216,8 +216,7 @@ impl Vm {
         });
         let mut output = String::new();
         if let Some(out) = child.stdout.take() {
-            for line in BufReader::new(out).split(b'\n') {
-                let line = line?;
+            for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
                 let line = String::from_utf8_lossy(&line);
                 // print! rather than a raw write, so the test harness captures it.
                 println!("{line}");
@@ -270,6 +269,19 @@ static IMAGE_READY: Mutex<bool> = Mutex::new(false);
 /// The folder holding `run.sh`, `build-image.sh` and the guest scripts.
 pub fn vm_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vm")
+}
+
+/// The workspace's cargo target folder (`CARGO_TARGET_DIR` or `target/`
+/// next to the workspace `Cargo.toml`): share it to run host-built binaries
+/// in the guest (same glibc as the host).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(|p| p.join("target"))
+            .unwrap_or_else(|| PathBuf::from("target")),
+    }
 }
 
 /// Where the image is cached (`CAIRN_VM_CACHE`, default `/var/cache/cairn-vm`).
