@@ -90,10 +90,25 @@ mod tests {
     use super::*;
     use std::fs;
 
+    /// Writes an executable script from a child shell, so this process
+    /// never holds a write descriptor that a concurrent fork could inherit
+    /// (which would make exec fail with ETXTBSY).
+    fn script(path: &Path, body: &str) {
+        let status = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "printf '%s' \"$2\" > \"$1\" && chmod 755 \"$1\"",
+                "sh",
+            ])
+            .arg(path)
+            .arg(body)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     fn exe(dir: &Path, name: &str) {
-        let p = dir.join(name);
-        fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        script(&dir.join(name), "#!/bin/sh\nexit 0\n");
     }
 
     #[test]
@@ -129,7 +144,7 @@ mod tests {
         exe(tmp.path(), "modprobe");
         let path_var = tmp.path().to_string_lossy().into_owned();
         assert!(nvme_tcp_available(&tmp.path().join("nosys"), &path_var));
-        fs::write(tmp.path().join("modprobe"), "#!/bin/sh\nexit 1\n").unwrap();
+        script(&tmp.path().join("modprobe"), "#!/bin/sh\nexit 1\n");
         assert!(!nvme_tcp_available(&tmp.path().join("nosys"), &path_var));
     }
 }
