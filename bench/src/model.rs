@@ -41,6 +41,11 @@ pub struct ModelParams {
     pub max_bandwidth: Option<u64>,
     /// I/Os that may start at once after an idle spell (the bucket's size).
     pub burst: u32,
+    /// How late a completion may be so that several share one wake-up of
+    /// the reactor (see [`PreciseTimer::with_slack`]); completions are never
+    /// early. Zero is exact, and costs one wake-up per I/O.
+    #[serde(with = "crate::spec::secs")]
+    pub slack: Duration,
 }
 
 impl Default for ModelParams {
@@ -52,6 +57,7 @@ impl Default for ModelParams {
             max_iops: None,
             max_bandwidth: None,
             burst: 1,
+            slack: Duration::ZERO,
         }
     }
 }
@@ -66,6 +72,7 @@ impl ModelParams {
             max_iops: Some(500_000),
             max_bandwidth: Some(3 << 30),
             burst: 32,
+            slack: Duration::from_micros(20),
         }
     }
 
@@ -80,7 +87,7 @@ impl ModelParams {
 }
 
 impl fmt::Display for ModelParams {
-    /// `read 80us, write 20us, 500000 IOPS, 3072 MiB/s, burst 32`.
+    /// `read 80us, write 20us, 500000 IOPS, 3072 MiB/s, burst 32, slack 20us`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -96,7 +103,12 @@ impl fmt::Display for ModelParams {
             Some(b) => write!(f, "{} MiB/s, ", b >> 20)?,
             None => f.write_str("unlimited MiB/s, ")?,
         }
-        write!(f, "burst {}", self.burst)
+        write!(
+            f,
+            "burst {}, slack {}us",
+            self.burst,
+            self.slack.as_micros()
+        )
     }
 }
 
@@ -106,7 +118,7 @@ impl FromStr for ModelParams {
     /// Parses `key=value` pairs separated by commas, on top of
     /// [`ModelParams::default`]: `lat` (both latencies), `read_lat`,
     /// `write_lat`, `iops` (`200k`), `bw` (bytes per second: `2g`),
-    /// `burst`. `nvme` alone means [`ModelParams::datacenter_nvme`], and may
+    /// `burst`, `slack`. `nvme` alone means [`ModelParams::datacenter_nvme`], and may
     /// be followed by overrides: `nvme,iops=100k`.
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let mut p = ModelParams::default();
@@ -129,6 +141,7 @@ impl FromStr for ModelParams {
                     p.write_latency = p.read_latency;
                 }
                 "read_lat" | "rlat" => p.read_latency = parse_duration(v)?,
+                "slack" => p.slack = parse_duration(v)?,
                 "write_lat" | "wlat" => p.write_latency = parse_duration(v)?,
                 "iops" => p.max_iops = Some(parse_count(k, v)?).filter(|&n| n > 0),
                 "bw" | "bandwidth" => p.max_bandwidth = Some(parse_size(v)?).filter(|&n| n > 0),
@@ -219,7 +232,8 @@ impl BlockDevice for ModelDevice {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let timer = PreciseTimer::new().map_err(|e| BdevError::io("timerfd_create", e))?;
+        let timer = PreciseTimer::with_slack(self.params.slack)
+            .map_err(|e| BdevError::io("timerfd_create", e))?;
         Ok(Box::new(ModelChannel {
             inner: self.inner.open_channel()?,
             params: self.params.clone(),
@@ -300,9 +314,10 @@ mod tests {
 
     #[test]
     fn params_parse_and_print() {
-        let p: ModelParams = "read_lat=80us,write_lat=20us,iops=200k,bw=2g,burst=16"
+        let p: ModelParams = "read_lat=80us,write_lat=20us,iops=200k,bw=2g,burst=16,slack=5us"
             .parse()
             .unwrap();
+        assert_eq!(p.slack, Duration::from_micros(5));
         assert_eq!(p.read_latency, Duration::from_micros(80));
         assert_eq!(p.write_latency, Duration::from_micros(20));
         assert_eq!(p.max_iops, Some(200_000));
@@ -310,7 +325,7 @@ mod tests {
         assert_eq!(p.burst, 16);
         assert_eq!(
             p.to_string(),
-            "read 80us, write 20us, 200000 IOPS, 2048 MiB/s, burst 16"
+            "read 80us, write 20us, 200000 IOPS, 2048 MiB/s, burst 16, slack 5us"
         );
         let q: ModelParams = "nvme,iops=100k".parse().unwrap();
         assert_eq!(q.max_iops, Some(100_000));
