@@ -22,7 +22,7 @@ use cairn_bdev::{BdevError, BlockDevice, BufResult, DeviceInfo, IoBuf, IoChannel
 use uuid::Uuid;
 
 use crate::format::{Entry, BLOCK_SIZE, GROUP_CLUSTERS};
-use crate::shared::{yield_now, Held, Shared};
+use crate::shared::Shared;
 
 /// Map value of a cluster being allocated or released.
 pub(crate) const PENDING: u64 = u64::MAX;
@@ -286,23 +286,23 @@ impl Replica {
 
     /// Waits until no I/O that started before this call is still running.
     async fn quiesce(&self) {
-        while self
-            .grace_lock
-            .compare_exchange(false, true, SeqCst, SeqCst)
-            .is_err()
-        {
-            yield_now().await;
-        }
-        let _held = Held(&self.grace_lock);
+        let n = &self.shared.notify;
+        let _held = n.lock(&self.grace_lock).await;
+        self.shared.quiescing.fetch_add(1, SeqCst);
         for _ in 0..2 {
             let old = self.epoch.fetch_add(1, SeqCst);
             let open = self.lock_chans().open.clone();
             for c in open {
-                while c.inflight[(old & 1) as usize].load(SeqCst) != 0 {
-                    yield_now().await;
+                loop {
+                    let e = n.epoch();
+                    if c.inflight[(old & 1) as usize].load(SeqCst) == 0 {
+                        break;
+                    }
+                    n.wait(e).await;
                 }
             }
         }
+        self.shared.quiescing.fetch_sub(1, SeqCst);
     }
 }
 
@@ -374,11 +374,14 @@ impl Drop for ReplicaChannel {
 }
 
 /// Counts an I/O in flight on its channel for the epoch it started in.
-struct InFlight<'a>(&'a AtomicU64);
+struct InFlight<'a>(&'a AtomicU64, &'a Shared);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, SeqCst);
+        if self.1.quiescing.load(SeqCst) != 0 {
+            self.1.notify.notify();
+        }
     }
 }
 
@@ -395,7 +398,7 @@ impl ReplicaChannel {
         let e = self.r.epoch.load(SeqCst);
         let c = &self.st.inflight[(e & 1) as usize];
         c.fetch_add(1, SeqCst);
-        InFlight(c)
+        InFlight(c, &self.r.shared)
     }
 
     fn base(&self) -> Result<Rc<Box<dyn IoChannel>>, BdevError> {
@@ -533,20 +536,22 @@ impl ReplicaChannel {
         buf: IoBuf,
         fua: bool,
     ) -> BufResult {
+        let n = &self.r.shared.notify;
         loop {
+            let e = n.epoch();
             let v = self.lookup(l);
             if v != 0 && v != PENDING {
                 let plba = self.r.shared.cluster_lba(v - 1) + within;
                 return base.write(plba, buf, fua).await;
             }
             if v == PENDING {
-                yield_now().await;
+                n.wait(e).await;
                 continue;
             }
             match self.reserve(l) {
                 Reserve::Reserved(p) => return self.first_write(base, l, p, within, buf, fua).await,
                 Reserve::Mapped => continue,
-                Reserve::Busy => yield_now().await,
+                Reserve::Busy => n.wait(e).await,
                 Reserve::NoSpace => return (Err(BdevError::NoSpace), buf),
             }
         }
@@ -601,6 +606,7 @@ impl ReplicaChannel {
             }
             self.r.allocated.fetch_add(1, SeqCst);
         }
+        shared.notify.notify();
         (Ok(()), buf)
     }
 
@@ -616,6 +622,8 @@ impl ReplicaChannel {
         } else {
             a.free.push(p);
         }
+        drop(a);
+        self.r.shared.notify.notify();
     }
 
     /// Write zeroes and deallocate: whole clusters of a thin replica are
@@ -653,6 +661,7 @@ impl ReplicaChannel {
     async fn release(&self, base: &dyn IoChannel, mut todo: Vec<u64>) -> Result<(), BdevError> {
         let shared = &self.r.shared;
         while !todo.is_empty() {
+            let seen = shared.notify.epoch();
             let mut taken = Vec::new();
             let mut again = Vec::new();
             {
@@ -694,6 +703,7 @@ impl ReplicaChannel {
                             }
                         }
                     }
+                    shared.notify.notify();
                     let _ = shared.persist_groups(base, &groups).await;
                     return Err(e);
                 }
@@ -707,12 +717,13 @@ impl ReplicaChannel {
                     }
                     self.r.allocated.fetch_sub(taken.len() as u64, SeqCst);
                 }
+                shared.notify.notify();
                 self.r.quiesce().await;
                 let mut a = shared.lock_alloc();
                 a.free.extend(taken.iter().map(|&(_, p)| p));
             }
             if !again.is_empty() {
-                yield_now().await;
+                shared.notify.wait(seen).await;
             }
             todo = again;
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use cairn_bdev::file::{FileDevice, FileOptions};
 use cairn_bdev::{BdevError, IoBuf, IoChannel};
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::format::{
-    encode_group, group_offset, Entry, Superblock, BLOCK_SIZE, GROUP_CLUSTERS, MD_BLOCK,
+    encode_group, group_offset, Entry, Superblock, BLOCK_SIZE, GROUP_CLUSTERS,
 };
 use crate::mdio::MdFile;
 
@@ -42,6 +42,10 @@ pub(crate) struct Shared {
     pub alloc: Mutex<Alloc>,
     group_locks: Mutex<Vec<Arc<AtomicBool>>>,
     pub closed: AtomicBool,
+    pub notify: Notify,
+    /// Number of releases waiting for in-flight I/O to drain; while it is
+    /// not zero, finishing I/Os wake them.
+    pub quiescing: AtomicU64,
 }
 
 impl Shared {
@@ -64,6 +68,8 @@ impl Shared {
             alloc: Mutex::new(Alloc { sb, entries, free }),
             group_locks: Mutex::new((0..groups).map(|_| Arc::default()).collect()),
             closed: AtomicBool::new(false),
+            notify: Notify::default(),
+            quiescing: AtomicU64::new(0),
         })
     }
 
@@ -115,13 +121,7 @@ impl Shared {
     ) -> std::result::Result<(), BdevError> {
         for &g in groups {
             let lock = self.group_lock(g);
-            while lock
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
-                yield_now().await;
-            }
-            let _held = Held(&lock);
+            let _held = self.notify.lock(&lock).await;
             let img = self.group_image(g);
             let lba = group_offset(self.cluster_size, g) / u64::from(BLOCK_SIZE);
             let (r, _) = ch.write(lba, img, false).await;
@@ -140,7 +140,10 @@ impl Shared {
             {
                 std::thread::yield_now();
             }
-            let _held = Held(&lock);
+            let _held = Held {
+                flag: &lock,
+                notify: &self.notify,
+            };
             let img = self.group_image(g);
             self.md.write(group_offset(self.cluster_size, g), &img)?;
         }
@@ -158,28 +161,77 @@ fn open_dev(path: &std::path::Path) -> Result<FileDevice> {
     )?)
 }
 
-/// Releases a spin lock when dropped (also when a future is cancelled).
-pub(crate) struct Held<'a>(pub &'a AtomicBool);
+/// Releases a lock flag when dropped (also when a future is cancelled) and
+/// wakes whoever waits for it.
+pub(crate) struct Held<'a> {
+    pub flag: &'a AtomicBool,
+    pub notify: &'a Notify,
+}
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.flag.store(false, Ordering::Release);
+        self.notify.notify();
     }
 }
 
-/// Lets other tasks of the reactor run once.
-pub(crate) fn yield_now() -> impl Future<Output = ()> {
-    struct Yield(bool);
-    impl Future for Yield {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
+/// A wake-up point for tasks on any reactor waiting for a rare event (a
+/// cluster allocation finishing, a group block lock, in-flight I/O
+/// draining). Waiters take [`Notify::epoch`] before checking their
+/// condition and wait for it to change, so no wake-up is lost.
+#[derive(Default)]
+pub(crate) struct Notify {
+    gen: AtomicU64,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Notify {
+    pub(crate) fn epoch(&self) -> u64 {
+        self.gen.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn notify(&self) {
+        self.gen.fetch_add(1, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in wakers {
+            w.wake();
         }
     }
-    Yield(false)
+
+    /// Completes once the epoch differs from `seen`.
+    pub(crate) fn wait(&self, seen: u64) -> impl Future<Output = ()> + '_ {
+        struct Wait<'a>(&'a Notify, u64);
+        impl Future for Wait<'_> {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                if self.0.epoch() != self.1 {
+                    return Poll::Ready(());
+                }
+                self.0
+                    .wakers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(cx.waker().clone());
+                if self.0.epoch() != self.1 {
+                    return Poll::Ready(());
+                }
+                Poll::Pending
+            }
+        }
+        Wait(self, seen)
+    }
+
+    /// Takes a lock flag, waiting for its holder.
+    pub(crate) async fn lock<'a>(&'a self, flag: &'a AtomicBool) -> Held<'a> {
+        loop {
+            let e = self.epoch();
+            if flag
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Held { flag, notify: self };
+            }
+            self.wait(e).await;
+        }
+    }
 }
