@@ -502,3 +502,51 @@ fn keep_alive_timeout_drops_a_silent_host() -> Result<()> {
     ensure!(dev.is_connected());
     Ok(())
 }
+
+#[test]
+fn channel_reconnects_after_the_connection_drops() -> Result<()> {
+    let f = fixture(None)?;
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    let client = Reactors::start(1, "client")?;
+    let d = dev.clone();
+    let target = Arc::new(f.target);
+    let t2 = target.clone();
+    let nqn = f.nqn.clone();
+    let out: Result<(), String> = client.run(0, move || async move {
+        let q = d.open_channel().map_err(|e| e.to_string())?;
+        let (r, _) = q.write(0, pattern(4096, 7), false).await;
+        r.map_err(|e| e.to_string())?;
+        // Revoke the host: every queue of its controller is disconnected.
+        t2.set_allowed_hosts(&nqn, Some(vec![]))
+            .map_err(|e| e.to_string())?;
+        let mut saw_failure = false;
+        for _ in 0..500 {
+            let (r, _) = q.read(0, IoBuf::zeroed(4096)).await;
+            if r.is_err() {
+                saw_failure = true;
+                break;
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !saw_failure {
+            return Err("I/O kept working after the host was revoked".into());
+        }
+        t2.set_allowed_hosts(&nqn, None)
+            .map_err(|e| e.to_string())?;
+        // The same channel comes back by itself.
+        for _ in 0..100 {
+            let (r, got) = q.read(0, IoBuf::zeroed(4096)).await;
+            if r.is_ok() {
+                if got.as_slice() != pattern(4096, 7).as_slice() {
+                    return Err("data changed across reconnect".into());
+                }
+                return Ok(());
+            }
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("channel did not reconnect".into())
+    })?;
+    out.map_err(anyhow::Error::msg)?;
+    client.shutdown();
+    Ok(())
+}

@@ -10,6 +10,7 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use cairn_bdev::{BdevError, BufResult, IoBuf, IoChannel, IoFuture};
 use cairn_nvmf::cmd::{io as op, DsmRange, Sqe};
@@ -21,7 +22,7 @@ use cairn_nvmf::pdu::{
 use cairn_nvmf::{Cqe, Status};
 use monoio::net::tcp::TcpOwnedReadHalf;
 
-use super::{status_error, DevInner};
+use super::{status_error, DevInner, InitiatorError};
 use crate::target::transport::{RxBuf, SentSink, TxQueue};
 
 #[derive(Default)]
@@ -66,10 +67,20 @@ impl SentSink for Sink {
     }
 }
 
-/// The `IoChannel` of an [`super::NvmfDevice`].
+/// How often a channel whose connection dropped tries to reconnect.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+type Reconnect = flume::Receiver<Result<QueueParts, InitiatorError>>;
+
+/// The `IoChannel` of an [`super::NvmfDevice`]. When its connection drops,
+/// I/O fails as unavailable while a helper thread reconnects the queue (at
+/// most once a second); the reactor itself never blocks on it.
 pub struct NvmfChannel {
-    q: Rc<Queue>,
+    q: RefCell<Rc<Queue>>,
     dev: Arc<DevInner>,
+    qid: u16,
+    pending: RefCell<Option<Reconnect>>,
+    last_try: Cell<Option<Instant>>,
 }
 
 impl Queue {
@@ -446,66 +457,130 @@ pub(crate) struct QueueParts {
     pub max_transfer: usize,
 }
 
+fn spawn_queue(p: QueueParts) -> Result<Rc<Queue>, BdevError> {
+    use std::os::fd::AsRawFd;
+    let fd = p.sock.as_raw_fd();
+    p.sock
+        .set_read_timeout(None)
+        .and_then(|()| p.sock.set_write_timeout(None))
+        .map_err(|e| BdevError::io("adopting NVMe/TCP queue", e))?;
+    let stream = monoio::net::TcpStream::from_std(p.sock)
+        .map_err(|e| BdevError::io("adopting NVMe/TCP queue", e))?;
+    let (rd, wr) = monoio::io::Splitable::into_split(stream);
+    let q = Rc::new(Queue {
+        tx: TxQueue::new(),
+        layout: p.layout,
+        lim: p.lim,
+        qid: p.qid,
+        nsid: p.nsid,
+        block_size: p.block_size,
+        num_blocks: p.num_blocks,
+        max_incapsule: p.max_incapsule,
+        maxh2cdata: p.maxh2cdata.max(4096),
+        max_transfer: p.max_transfer,
+        slots: RefCell::new((0..p.depth).map(|_| Slot::default()).collect()),
+        free: RefCell::new((0..p.depth).rev().collect()),
+        cid_waiters: RefCell::new(VecDeque::new()),
+        dead: Cell::new(false),
+        fd: Cell::new(Some(fd)),
+    });
+    let sink: Rc<dyn SentSink> = Rc::new(Sink(Rc::downgrade(&q)));
+    monoio::spawn(q.tx.clone().run_writer(wr, sink));
+    monoio::spawn(q.clone().reader(rd));
+    Ok(q)
+}
+
 impl NvmfChannel {
     /// Adopts a connected queue on the calling reactor.
     pub(crate) fn start(p: QueueParts, dev: Arc<DevInner>) -> Result<Self, BdevError> {
-        use std::os::fd::AsRawFd;
-        let fd = p.sock.as_raw_fd();
-        p.sock
-            .set_read_timeout(None)
-            .and_then(|()| p.sock.set_write_timeout(None))
-            .map_err(|e| BdevError::io("adopting NVMe/TCP queue", e))?;
-        let stream = monoio::net::TcpStream::from_std(p.sock)
-            .map_err(|e| BdevError::io("adopting NVMe/TCP queue", e))?;
-        let (rd, wr) = monoio::io::Splitable::into_split(stream);
-        let q = Rc::new(Queue {
-            tx: TxQueue::new(),
-            layout: p.layout,
-            lim: p.lim,
-            qid: p.qid,
-            nsid: p.nsid,
-            block_size: p.block_size,
-            num_blocks: p.num_blocks,
-            max_incapsule: p.max_incapsule,
-            maxh2cdata: p.maxh2cdata.max(4096),
-            max_transfer: p.max_transfer,
-            slots: RefCell::new((0..p.depth).map(|_| Slot::default()).collect()),
-            free: RefCell::new((0..p.depth).rev().collect()),
-            cid_waiters: RefCell::new(VecDeque::new()),
-            dead: Cell::new(false),
-            fd: Cell::new(Some(fd)),
-        });
-        let sink: Rc<dyn SentSink> = Rc::new(Sink(Rc::downgrade(&q)));
-        monoio::spawn(q.tx.clone().run_writer(wr, sink));
-        monoio::spawn(q.clone().reader(rd));
-        Ok(NvmfChannel { q, dev })
+        let qid = p.qid;
+        let q = spawn_queue(p)?;
+        Ok(NvmfChannel {
+            q: RefCell::new(q),
+            dev,
+            qid,
+            pending: RefCell::new(None),
+            last_try: Cell::new(None),
+        })
+    }
+
+    /// The live queue; while it is dead, drives reconnection without
+    /// blocking.
+    fn queue(&self) -> Rc<Queue> {
+        let q = self.q.borrow().clone();
+        if !q.dead.get() {
+            return q;
+        }
+        let done = self.pending.borrow().as_ref().map(|rx| rx.try_recv());
+        match done {
+            Some(Ok(Ok(parts))) => {
+                self.pending.replace(None);
+                match spawn_queue(parts) {
+                    Ok(nq) => {
+                        tracing::info!(qid = self.qid, "NVMe/TCP queue reconnected");
+                        self.q.replace(nq.clone());
+                        return nq;
+                    }
+                    Err(e) => tracing::warn!(qid = self.qid, error = %e, "adopting queue failed"),
+                }
+            }
+            Some(Ok(Err(e))) => {
+                self.pending.replace(None);
+                tracing::debug!(qid = self.qid, error = %e, "queue reconnect failed");
+            }
+            Some(Err(flume::TryRecvError::Disconnected)) => {
+                self.pending.replace(None);
+            }
+            Some(Err(flume::TryRecvError::Empty)) => {}
+            None => {
+                let due = self
+                    .last_try
+                    .get()
+                    .is_none_or(|t| t.elapsed() >= RECONNECT_INTERVAL);
+                if due {
+                    self.last_try.set(Some(Instant::now()));
+                    let (tx, rx) = flume::bounded(1);
+                    let dev = self.dev.clone();
+                    let qid = self.qid;
+                    let spawned = std::thread::Builder::new()
+                        .name("nvmf-reconnect".into())
+                        .spawn(move || {
+                            let _ = tx.send(dev.connect_io(qid));
+                        });
+                    if spawned.is_ok() {
+                        self.pending.replace(Some(rx));
+                    }
+                }
+            }
+        }
+        q
     }
 
     /// Whether the queue's connection is gone.
     pub fn is_dead(&self) -> bool {
-        self.q.dead.get()
+        self.q.borrow().dead.get()
     }
 
     fn check(&self, lba: u64, blocks: u64) -> Result<(), BdevError> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= self.q.num_blocks => Ok(()),
+            Some(end) if end <= self.queue().num_blocks => Ok(()),
             _ => Err(BdevError::OutOfRange {
                 lba,
                 blocks,
-                capacity: self.q.num_blocks,
+                capacity: self.queue().num_blocks,
             }),
         }
     }
 
     fn rw_sqe(&self, opcode: u8, lba: u64, len: usize, fua: bool) -> Result<Sqe, BdevError> {
-        let bs = self.q.block_size as usize;
+        let bs = self.queue().block_size as usize;
         if len == 0 || !len.is_multiple_of(bs) {
             return Err(BdevError::Misaligned {
                 len,
-                block_size: self.q.block_size,
+                block_size: self.queue().block_size,
             });
         }
-        if len > self.q.max_transfer {
+        if len > self.queue().max_transfer {
             return Err(BdevError::Unsupported {
                 op: "transfer larger than the controller's MDTS",
             });
@@ -514,7 +589,7 @@ impl NvmfChannel {
         self.check(lba, blocks)?;
         let mut sqe = Sqe::default();
         sqe.set_opcode(opcode);
-        sqe.set_nsid(self.q.nsid);
+        sqe.set_nsid(self.queue().nsid);
         sqe.set_cdw(10, lba as u32);
         sqe.set_cdw(11, (lba >> 32) as u32);
         sqe.set_cdw(12, (blocks - 1) as u32 | if fua { 1 << 30 } else { 0 });
@@ -528,9 +603,9 @@ impl NvmfChannel {
         lba: u64,
         blocks: u64,
     ) -> Result<(), BdevError> {
-        let (r, _) = self.q.submit(sqe, None, false).await;
+        let (r, _) = self.queue().submit(sqe, None, false).await;
         let cqe = r?;
-        status_error(cqe.status, op_name, lba, blocks, self.q.num_blocks)
+        status_error(cqe.status, op_name, lba, blocks, self.queue().num_blocks)
     }
 
     async fn zeroes(&self, mut lba: u64, blocks: u64) -> Result<(), BdevError> {
@@ -540,7 +615,7 @@ impl NvmfChannel {
             let n = (end - lba).min(65536);
             let mut sqe = Sqe::default();
             sqe.set_opcode(op::WRITE_ZEROES);
-            sqe.set_nsid(self.q.nsid);
+            sqe.set_nsid(self.queue().nsid);
             sqe.set_cdw(10, lba as u32);
             sqe.set_cdw(11, (lba >> 32) as u32);
             sqe.set_cdw(12, (n - 1) as u32);
@@ -573,11 +648,11 @@ impl NvmfChannel {
             }
             let mut sqe = Sqe::default();
             sqe.set_opcode(op::DSM);
-            sqe.set_nsid(self.q.nsid);
+            sqe.set_nsid(self.queue().nsid);
             sqe.set_cdw(10, n - 1);
             sqe.set_cdw(11, 1 << 2);
             let (r, _) = self
-                .q
+                .queue()
                 .submit(sqe, Some(IoBuf::from_slice(&data)), true)
                 .await;
             status_error(
@@ -585,7 +660,7 @@ impl NvmfChannel {
                 "deallocate",
                 first,
                 lba - first,
-                self.q.num_blocks,
+                self.queue().num_blocks,
             )?;
         }
         Ok(())
@@ -594,8 +669,8 @@ impl NvmfChannel {
 
 impl Drop for NvmfChannel {
     fn drop(&mut self) {
-        self.q.fail();
-        self.dev.release_qid(self.q.qid);
+        self.q.borrow().fail();
+        self.dev.release_qid(self.qid);
     }
 }
 
@@ -606,11 +681,12 @@ impl IoChannel for NvmfChannel {
                 Ok(s) => s,
                 Err(e) => return (Err(e), buf),
             };
-            let blocks = (buf.len() / self.q.block_size as usize) as u64;
+            let blocks = (buf.len() / self.queue().block_size as usize) as u64;
             let fallback_len = buf.len();
-            let (r, b) = self.q.submit(sqe, Some(buf), false).await;
+            let (r, b) = self.queue().submit(sqe, Some(buf), false).await;
             let b = b.unwrap_or_else(|| IoBuf::zeroed(fallback_len));
-            let r = r.and_then(|c| status_error(c.status, "read", lba, blocks, self.q.num_blocks));
+            let r = r
+                .and_then(|c| status_error(c.status, "read", lba, blocks, self.queue().num_blocks));
             (r, b)
         })
     }
@@ -621,11 +697,13 @@ impl IoChannel for NvmfChannel {
                 Ok(s) => s,
                 Err(e) => return (Err(e), buf),
             };
-            let blocks = (buf.len() / self.q.block_size as usize) as u64;
+            let blocks = (buf.len() / self.queue().block_size as usize) as u64;
             let fallback_len = buf.len();
-            let (r, b) = self.q.submit(sqe, Some(buf), true).await;
+            let (r, b) = self.queue().submit(sqe, Some(buf), true).await;
             let b = b.unwrap_or_else(|| IoBuf::zeroed(fallback_len));
-            let r = r.and_then(|c| status_error(c.status, "write", lba, blocks, self.q.num_blocks));
+            let r = r.and_then(|c| {
+                status_error(c.status, "write", lba, blocks, self.queue().num_blocks)
+            });
             (r, b)
         })
     }
@@ -634,7 +712,7 @@ impl IoChannel for NvmfChannel {
         Box::pin(async move {
             let mut sqe = Sqe::default();
             sqe.set_opcode(op::FLUSH);
-            sqe.set_nsid(self.q.nsid);
+            sqe.set_nsid(self.queue().nsid);
             self.simple(sqe, "flush", 0, 0).await
         })
     }

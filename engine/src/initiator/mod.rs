@@ -222,6 +222,67 @@ impl DevInner {
         }
     }
 
+    /// Connects I/O queue `qid` to the current association (blocking),
+    /// reconnecting the admin queue first if it is down.
+    pub(crate) fn connect_io(&self, qid: u16) -> Result<QueueParts, InitiatorError> {
+        match self.try_connect_io(qid) {
+            Ok(p) => Ok(p),
+            Err(InitiatorError::Connect { .. }) => {
+                // The association is gone (the controller dropped it): start
+                // a new one and try again.
+                self.reconnect_admin()?;
+                self.try_connect_io(qid)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn try_connect_io(&self, qid: u16) -> Result<QueueParts, InitiatorError> {
+        let down = self
+            .admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .q
+            .is_none();
+        if down {
+            self.reconnect_admin()?;
+        }
+        let (cntlid, ioccsz, maxh2cdata, max_transfer, mqes) = {
+            let a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            (a.cntlid, a.ioccsz, a.maxh2cdata, a.max_transfer, a.mqes)
+        };
+        let opts = &self.opts;
+        let depth = opts.queue_depth.clamp(2, mqes.saturating_add(1).max(2));
+        let data = ConnectData {
+            hostid: opts.hostid,
+            cntlid,
+            subnqn: opts.subnqn.clone(),
+            hostnqn: opts.hostnqn.clone(),
+        };
+        let (q, _) = SyncQueue::connect(
+            opts.addr,
+            opts.timeout,
+            opts.digests(),
+            qid,
+            depth - 1,
+            0,
+            &data,
+        )?;
+        Ok(QueueParts {
+            sock: q.sock,
+            layout: q.layout,
+            lim: q.lim,
+            qid,
+            nsid: opts.nsid,
+            block_size: self.info.block_size,
+            num_blocks: self.info.num_blocks,
+            depth,
+            max_incapsule: (ioccsz as usize * 16).saturating_sub(64),
+            maxh2cdata: maxh2cdata as usize,
+            max_transfer,
+        })
+    }
+
     /// Connects (or reconnects) the admin queue and enables the controller.
     fn reconnect_admin(&self) -> Result<(), InitiatorError> {
         let admin = connect_admin(&self.opts)?;
@@ -456,19 +517,12 @@ impl NvmfDevice {
     /// Opens an I/O queue on the calling reactor. Blocks for the connection
     /// handshake (one round trip).
     pub fn open_io_channel(&self) -> Result<NvmfChannel, InitiatorError> {
-        let (cntlid, granted, ioccsz, maxh2cdata, max_transfer, mqes) = {
+        let granted = {
             let a = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
             if a.q.is_none() {
                 return Err(InitiatorError::Protocol("admin queue down"));
             }
-            (
-                a.cntlid,
-                a.granted,
-                a.ioccsz,
-                a.maxh2cdata,
-                a.max_transfer,
-                a.mqes,
-            )
+            a.granted
         };
         let qid = {
             let mut used = self
@@ -482,42 +536,12 @@ impl NvmfDevice {
             used.push(qid);
             qid
         };
-        let opts = &self.inner.opts;
-        let depth = opts.queue_depth.clamp(2, mqes.saturating_add(1).max(2));
-        let data = ConnectData {
-            hostid: opts.hostid,
-            cntlid,
-            subnqn: opts.subnqn.clone(),
-            hostnqn: opts.hostnqn.clone(),
-        };
-        let res = SyncQueue::connect(
-            opts.addr,
-            opts.timeout,
-            opts.digests(),
-            qid,
-            depth - 1,
-            0,
-            &data,
-        );
-        let (q, _) = match res {
-            Ok(q) => q,
+        let parts = match self.inner.connect_io(qid) {
+            Ok(p) => p,
             Err(e) => {
                 self.inner.release_qid(qid);
                 return Err(e);
             }
-        };
-        let parts = QueueParts {
-            sock: q.sock,
-            layout: q.layout,
-            lim: q.lim,
-            qid,
-            nsid: opts.nsid,
-            block_size: self.inner.info.block_size,
-            num_blocks: self.inner.info.num_blocks,
-            depth,
-            max_incapsule: (ioccsz as usize * 16).saturating_sub(64),
-            maxh2cdata: maxh2cdata as usize,
-            max_transfer,
         };
         NvmfChannel::start(parts, self.inner.clone()).map_err(|e| {
             self.inner.release_qid(qid);
