@@ -417,6 +417,9 @@ fn io_errors_carry_nvme_status() -> Result<()> {
     s.set_nsid(1);
     let (c, _) = q.cmd(s, &[], 0)?;
     ensure!(c.status == Status::INVALID_OPCODE, "{:?}", c.status);
+    // Larger than MDTS (1 MiB): refused, nothing allocated.
+    let (c, _) = q.cmd(read(1, 0, 4096), &[], 2 << 20)?;
+    ensure!(c.status == Status::INVALID_FIELD, "{:?}", c.status);
     // A good read still works on the same queue.
     let (c, d) = q.cmd(read(1, 0, 8), &[], 4096)?;
     ensure!(c.status.is_success() && d.len() == 4096);

@@ -513,7 +513,9 @@ impl Queue {
         let geo = |nsid: u32| ctx.ns(nsid).map(|i| ctx.ns[i].geo);
         let need: Result<u32, Status> = match cmd {
             Command::Read(rw) => check_rw(&rw, geo(rw.nsid), desc.len).and_then(|len| {
-                if desc.in_capsule || data.is_some() {
+                if u64::from(len) > self.max_transfer() {
+                    Err(Status::INVALID_FIELD)
+                } else if desc.in_capsule || data.is_some() {
                     Err(Status::INVALID_FIELD)
                 } else {
                     let i = ctx.ns(rw.nsid).unwrap_or(0);
@@ -578,6 +580,10 @@ impl Queue {
             Ok(0) => return,
             Ok(len) => len,
         };
+        if u64::from(len) > self.max_transfer() {
+            // Larger than MDTS: refuse before allocating anything.
+            return self.reply(cid, sqhd, Reply::status(Status::INVALID_FIELD));
+        }
         // A command that needs data from the host.
         match data {
             Some(buf) if buf.len() == len as usize => self.io_with_data(ctx, sqe, cmd, buf),
@@ -658,6 +664,14 @@ impl Queue {
         match op {
             Some(op) => self.spawn(ctx, cid, sqhd, op),
             None => self.reply(cid, sqhd, Reply::status(Status::INVALID_NS)),
+        }
+    }
+
+    /// The largest transfer a command may ask for (MDTS; 0 means 16 MiB).
+    fn max_transfer(&self) -> u64 {
+        match self.shared.cfg.mdts {
+            0 => 16 << 20,
+            m => 4096u64 << m.min(12),
         }
     }
 

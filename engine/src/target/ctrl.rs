@@ -16,6 +16,10 @@ use super::{ConnHandle, Shared, Subsystem};
 /// Firmware revision reported in identify and the firmware log.
 pub(crate) const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
 
+/// Largest log page transfer (a host asking for more is refused rather
+/// than making the target allocate it).
+const MAX_LOG_LEN: u32 = 1 << 20;
+
 /// CAP.TO: worst-case ready time in 500 ms units.
 const CAP_TIMEOUT: u64 = 15;
 
@@ -306,7 +310,7 @@ impl Controller {
             (lid::CHANGED_NS, true) => id::changed_ns_log(&[]).to_vec(),
             _ => return Reply::status(Status::INVALID_LOG_PAGE),
         };
-        if !offset.is_multiple_of(4) || offset > page.len() as u64 {
+        if !offset.is_multiple_of(4) || offset > page.len() as u64 || len > MAX_LOG_LEN {
             return Reply::status(Status::INVALID_FIELD);
         }
         let start = offset as usize;
