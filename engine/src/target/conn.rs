@@ -513,9 +513,7 @@ impl Queue {
         let geo = |nsid: u32| ctx.ns(nsid).map(|i| ctx.ns[i].geo);
         let need: Result<u32, Status> = match cmd {
             Command::Read(rw) => check_rw(&rw, geo(rw.nsid), desc.len).and_then(|len| {
-                if u64::from(len) > self.max_transfer() {
-                    Err(Status::INVALID_FIELD)
-                } else if desc.in_capsule || data.is_some() {
+                if u64::from(len) > self.max_transfer() || desc.in_capsule || data.is_some() {
                     Err(Status::INVALID_FIELD)
                 } else {
                     let i = ctx.ns(rw.nsid).unwrap_or(0);
