@@ -39,7 +39,9 @@ pub struct ModelParams {
     pub max_iops: Option<u64>,
     /// Ceiling on bytes per second, if any.
     pub max_bandwidth: Option<u64>,
-    /// I/Os that may start at once after an idle spell (the bucket's size).
+    /// I/Os that may start at once after an idle spell (the bucket's size):
+    /// the device's internal parallelism. It also lets the device catch up
+    /// after its user was late to submit, as an SSD with free slots would.
     pub burst: u32,
     /// How late a completion may be so that several share one wake-up of
     /// the reactor (see [`PreciseTimer::with_slack`]); completions are never
@@ -49,14 +51,15 @@ pub struct ModelParams {
 }
 
 impl Default for ModelParams {
-    /// No added latency and no limits: the inner device as it is.
+    /// No added latency and no limits (the inner device as it is), with a
+    /// burst of 32 for when limits are added.
     fn default() -> Self {
         ModelParams {
             read_latency: Duration::ZERO,
             write_latency: Duration::ZERO,
             max_iops: None,
             max_bandwidth: None,
-            burst: 1,
+            burst: 32,
             slack: Duration::ZERO,
         }
     }

@@ -30,7 +30,7 @@ fn iops_limit_holds_across_job_threads() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // A burst allowance lets the model catch up after the machine delays a
     // thread, so the average holds even when the host is busy.
-    let dev = model("lat=100us,iops=2000,burst=16");
+    let dev = model("lat=100us,iops=2000,burst=100");
     let spec = JobSpec::from_args([
         "--rw=randread",
         "--iodepth=8",

@@ -139,9 +139,9 @@ fn ramp_is_not_measured() {
     ]);
     let r = run(dev, &s, &quiet()).unwrap();
     assert_consistent(&r);
-    assert!(r.ramp_ios > 0);
-    assert!(r.total.ios > 0);
-    assert!((0.08..0.6).contains(&r.elapsed_secs), "{}", r.elapsed_secs);
+    assert!(r.ramp_ios > 0, "{r:?}");
+    assert!(r.total.ios > 0, "{r:?}");
+    assert!((0.15..0.8).contains(&r.elapsed_secs), "{}", r.elapsed_secs);
 }
 
 #[test]
