@@ -11,7 +11,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 cd "$here"
 mkdir -p corpus/pdu artifacts/pdu
-# Crash seeds committed under regressions/ are replayed first.
+# Crash seeds and hand-written malformed PDUs under regressions/ are
+# replayed first.
 if [ -d regressions ] && [ -n "$(ls -A regressions 2>/dev/null)" ]; then
     RUSTC_BOOTSTRAP=1 cargo fuzz run pdu regressions/* -- -runs=0
 fi
