@@ -21,10 +21,8 @@ use std::sync::Arc;
 /// Opens the state store named by `spec`: a file path (the embedded store),
 /// `file://PATH`, or `etcd://host:port[,host:port...]`.
 pub async fn open_store(spec: &str) -> Result<Arc<dyn store::Store>, store::StoreError> {
-    if spec.starts_with("etcd://") {
-        return Err(store::StoreError::Unavailable(format!(
-            "{spec}: etcd support is not built in"
-        )));
+    if spec.starts_with(store::etcd::SPEC_SCHEME) {
+        return Ok(Arc::new(store::etcd::open_etcd(spec).await?));
     }
     let path = spec.strip_prefix("file://").unwrap_or(spec);
     Ok(Arc::new(store::file::FileStore::open(Path::new(path))?))
