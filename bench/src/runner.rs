@@ -451,6 +451,8 @@ struct Job {
     job: usize,
     rec: RefCell<Recorder>,
     yielder: Rc<Yielder>,
+    /// Thread CPU time when the measured window began, once it has.
+    cpu_at_measure: Cell<Option<Option<Duration>>>,
 }
 
 struct VerifyState {
@@ -546,6 +548,9 @@ impl Job {
         if issued < self.measure_from {
             rec.ramp_ios += 1;
             return;
+        }
+        if self.cpu_at_measure.get().is_none() {
+            self.cpu_at_measure.set(Some(cpu::thread_cpu().ok()));
         }
         let ns = u64::try_from((done - issued).as_nanos()).unwrap_or(u64::MAX);
         let h = if is_read {
@@ -669,22 +674,16 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         job: job as usize,
         rec: RefCell::new(Recorder::new()),
         yielder: Rc::new(Yielder::default()),
+        cpu_at_measure: Cell::new(None),
     });
     let helper = monoio::spawn(YieldHelper(ctx.yielder.clone()));
 
     // CPU time of this thread over the measured window: sampled now when
-    // there is no ramp, else by a task that wakes when the ramp ends.
-    let cpu_at_measure = Rc::new(Cell::new(None));
-    let sampler = if spec.ramp.is_zero() {
-        cpu_at_measure.set(cpu::thread_cpu().ok());
-        None
-    } else {
-        let cell = cpu_at_measure.clone();
-        Some(monoio::spawn(async move {
-            monoio::time::sleep(measure_from.saturating_duration_since(Instant::now())).await;
-            cell.set(cpu::thread_cpu().ok());
-        }))
-    };
+    // there is no ramp, else by the first worker to see the ramp end (a
+    // timer task would starve while workers never let the reactor park).
+    if spec.ramp.is_zero() {
+        ctx.cpu_at_measure.set(Some(cpu::thread_cpu().ok()));
+    }
 
     let mut workers = Vec::with_capacity(bufs.len());
     for (w, buf) in bufs.into_iter().enumerate() {
@@ -698,8 +697,7 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
     helper.await;
     let end_cpu = cpu::thread_cpu().ok();
     // A run stopped before its ramp ended measured nothing.
-    let start_cpu = cpu_at_measure.get();
-    drop(sampler);
+    let start_cpu = ctx.cpu_at_measure.get().flatten();
     let thread_cpu = match (start_cpu, end_cpu) {
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => Duration::ZERO,

@@ -135,13 +135,16 @@ fn ramp_is_not_measured() {
         "--rw=randread",
         "--iodepth=4",
         "--ramp=100ms",
-        "--runtime=100ms",
+        "--runtime=200ms",
     ]);
     let r = run(dev, &s, &quiet()).unwrap();
     assert_consistent(&r);
     assert!(r.ramp_ios > 0, "{r:?}");
     assert!(r.total.ios > 0, "{r:?}");
-    assert!((0.15..0.8).contains(&r.elapsed_secs), "{}", r.elapsed_secs);
+    assert!((0.15..0.8).contains(&r.elapsed_secs), "{r:?}");
+    // The job threads' CPU time covers the measured window only.
+    assert!(r.cpu.job_threads_secs > 0.0, "{r:?}");
+    assert!(r.cpu.job_threads_secs < r.elapsed_secs * 1.2, "{r:?}");
 }
 
 #[test]
