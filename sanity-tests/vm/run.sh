@@ -102,7 +102,7 @@ if [[ -z $ACCEL ]]; then
 fi
 case $ACCEL in
 kvm) ACCEL_ARGS=(-accel kvm -cpu host) ;;
-tcg) ACCEL_ARGS=(-accel tcg,thread=multi -cpu max) ;;
+tcg) ACCEL_ARGS=(-accel "tcg,thread=multi" -cpu max) ;;
 *) die "CAIRN_VM_ACCEL must be kvm or tcg, got '$ACCEL'" ;;
 esac
 

@@ -72,7 +72,7 @@ if [ "${CAIRN_UDEV:-0}" = 1 ]; then
 fi
 
 stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null || true
-if [ -n "${CAIRN_CWD:-}" ] && [ -d "$CAIRN_CWD" ]; then cd "$CAIRN_CWD"; else cd /; fi
+if [ -n "${CAIRN_CWD:-}" ] && [ -d "$CAIRN_CWD" ]; then cd "$CAIRN_CWD" || cd /; else cd /; fi
 bash -e "$CTL/cmd.sh" </dev/null >/dev/ttyS1 2>&1
 rc=$?
 echo "$rc" >"$CTL/status.tmp" && mv "$CTL/status.tmp" "$CTL/status"

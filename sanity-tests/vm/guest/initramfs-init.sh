@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # initramfs /init: load the modules needed for the root disk, mount it and
 # hand over to /sbin/cairn-init on the real root. On any failure, reboot
 # (QEMU runs with -no-reboot, so the VM exits and the host reports it).
