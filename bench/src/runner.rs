@@ -172,6 +172,7 @@ pub fn run(
     let mut cpu_start: Option<(Option<Duration>, Option<Duration>)> = None;
     let mut last_draw = t0;
     let mut last_count = 0u64;
+    let mut drawn = false;
     loop {
         let now = Instant::now();
         if cpu_start.is_none() && now >= measure_from {
@@ -186,6 +187,7 @@ pub fn run(
             draw_progress(&spec.name, now - t0, total, rate, count);
             last_draw = now;
             last_count = count;
+            drawn = true;
         }
         let mut nap = Duration::from_millis(20);
         if cpu_start.is_none() {
@@ -195,7 +197,7 @@ pub fn run(
     }
     let cpu_end = sample_cpu(opts.watch_pid);
     let cpu_start = cpu_start.unwrap_or(cpu_end);
-    if show {
+    if drawn {
         eprintln!();
     }
 
@@ -757,11 +759,6 @@ async fn worker(ctx: Rc<Job>, w: u64, mut buf: IoBuf, seed: u64) {
         };
         let (r, b) = (&mut io).await;
         buf = b;
-        if !io.pended {
-            // The device answered without waiting (a RAM device): let the
-            // other workers run, or this one would monopolise the thread.
-            ctx.yielder.yield_now().await;
-        }
         now = Instant::now();
         ctx.record(is_read, issued, now, r.is_ok());
         match r {
@@ -779,6 +776,11 @@ async fn worker(ctx: Rc<Job>, w: u64, mut buf: IoBuf, seed: u64) {
                 }
                 ctx.record_error(is_read, lba, &e);
             }
+        }
+        if !io.pended {
+            // The device answered without waiting (a RAM device): let the
+            // other workers run, or this one would monopolise the thread.
+            ctx.yielder.yield_now().await;
         }
     }
 }
