@@ -55,8 +55,9 @@ pub(crate) fn read_superblock(md: &MdFile) -> Result<(Superblock, Vec<Damage>)> 
         }
     }
     let Some(sb) = best else {
-        if let Some((_, DecodeError::Version(v))) =
-            errs.iter().find(|(_, e)| matches!(e, DecodeError::Version(_)))
+        if let Some((_, DecodeError::Version(v))) = errs
+            .iter()
+            .find(|(_, e)| matches!(e, DecodeError::Version(_)))
         {
             return Err(PoolError::UnsupportedVersion { version: *v });
         }
@@ -89,7 +90,10 @@ pub(crate) fn load(md: &MdFile) -> Result<Loaded> {
         });
     }
     let mut damage_list = Vec::new();
-    let table = md.read(REPLICA_TABLE_START, REPLICA_SLOTS as usize * MD_BLOCK as usize)?;
+    let table = md.read(
+        REPLICA_TABLE_START,
+        REPLICA_SLOTS as usize * MD_BLOCK as usize,
+    )?;
     let mut records = Vec::with_capacity(REPLICA_SLOTS as usize);
     for s in 0..REPLICA_SLOTS {
         let at = s as usize * MD_BLOCK as usize;

@@ -66,11 +66,7 @@ impl MdFile {
             }
             Ok(bytes)
         } else {
-            Ok(self
-                .file
-                .metadata()
-                .map_err(|e| self.err("stat", e))?
-                .len())
+            Ok(self.file.metadata().map_err(|e| self.err("stat", e))?.len())
         }
     }
 
@@ -80,7 +76,7 @@ impl MdFile {
 
     /// Reads `len` bytes (a multiple of [`MD_BLOCK`]) at `off`.
     pub(crate) fn read(&self, off: u64, len: usize) -> Result<IoBuf> {
-        debug_assert!(off % MD_BLOCK == 0 && len as u64 % MD_BLOCK == 0);
+        debug_assert!(off.is_multiple_of(MD_BLOCK) && (len as u64).is_multiple_of(MD_BLOCK));
         let mut buf = IoBuf::zeroed(len);
         self.file
             .read_exact_at(&mut buf, off)
@@ -90,7 +86,7 @@ impl MdFile {
 
     /// Writes `data` (a multiple of [`MD_BLOCK`]) at `off`.
     pub(crate) fn write(&self, off: u64, data: &[u8]) -> Result<()> {
-        debug_assert!(off % MD_BLOCK == 0 && data.len() as u64 % MD_BLOCK == 0);
+        debug_assert!(off.is_multiple_of(MD_BLOCK) && (data.len() as u64).is_multiple_of(MD_BLOCK));
         let buf = IoBuf::from_slice(data);
         self.file
             .write_all_at(&buf, off)

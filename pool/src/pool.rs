@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::check::{load, resolve};
 use crate::error::{Location, PoolError, Result};
 use crate::format::{
-    clusters_for, cluster_offset, encode_group, group_offset, groups_for, replica_offset,
+    cluster_offset, clusters_for, encode_group, group_offset, groups_for, replica_offset,
     valid_cluster_size, Entry, ReplicaRecord, Superblock, BLOCK_SIZE, DATA_START, GROUP_CLUSTERS,
     MAX_POOL_NAME, MAX_REPLICA_NAME, MD_BLOCK, REPLICA_SLOTS, REPLICA_TABLE_START,
 };
@@ -163,7 +163,11 @@ impl Pool {
             return Err(PoolError::Corrupt {
                 location: d.location.clone(),
                 reason: if l.damage.len() > 1 {
-                    format!("{} (and {} more damaged blocks)", d.reason, l.damage.len() - 1)
+                    format!(
+                        "{} (and {} more damaged blocks)",
+                        d.reason,
+                        l.damage.len() - 1
+                    )
                 } else {
                     d.reason.clone()
                 },
@@ -293,9 +297,12 @@ impl Pool {
     /// Creates a replica; returns the existing one if it has the same
     /// parameters.
     pub fn create_replica(&self, req: ReplicaCreate) -> Result<Arc<Replica>> {
-        if req.size == 0 || req.size % u64::from(BLOCK_SIZE) != 0 {
+        if req.size == 0 || !req.size.is_multiple_of(u64::from(BLOCK_SIZE)) {
             return Err(PoolError::InvalidArgument {
-                reason: format!("replica size {} is not a positive multiple of 512", req.size),
+                reason: format!(
+                    "replica size {} is not a positive multiple of 512",
+                    req.size
+                ),
             });
         }
         if req.name.len() > MAX_REPLICA_NAME {
@@ -385,9 +392,7 @@ impl Pool {
         let cs = self.shared.cluster_size;
         let r = (|| {
             for &p in &clusters {
-                self.shared
-                    .md
-                    .zero(cluster_offset(cs, p), u64::from(cs))?;
+                self.shared.md.zero(cluster_offset(cs, p), u64::from(cs))?;
             }
             self.shared.md.sync()
         })();
@@ -491,7 +496,7 @@ impl Pool {
                 requested: new_size,
             });
         }
-        if new_size % u64::from(BLOCK_SIZE) != 0 {
+        if !new_size.is_multiple_of(u64::from(BLOCK_SIZE)) {
             return Err(PoolError::InvalidArgument {
                 reason: format!("replica size {new_size} is not a multiple of 512"),
             });
@@ -538,9 +543,10 @@ impl Pool {
         }
         let (old_groups, new_groups) = (groups_for(sb.num_clusters), groups_for(new_n));
         for g in old_groups..new_groups {
-            self.shared
-                .md
-                .write(group_offset(sb.cluster_size, g), &encode_group(g, &sb.uuid, &[]))?;
+            self.shared.md.write(
+                group_offset(sb.cluster_size, g),
+                &encode_group(g, &sb.uuid, &[]),
+            )?;
         }
         self.shared.md.sync()?;
         sb.generation += 1;

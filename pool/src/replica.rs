@@ -549,7 +549,9 @@ impl ReplicaChannel {
                 continue;
             }
             match self.reserve(l) {
-                Reserve::Reserved(p) => return self.first_write(base, l, p, within, buf, fua).await,
+                Reserve::Reserved(p) => {
+                    return self.first_write(base, l, p, within, buf, fua).await
+                }
                 Reserve::Mapped => continue,
                 Reserve::Busy => n.wait(e).await,
                 Reserve::NoSpace => return (Err(BdevError::NoSpace), buf),
@@ -742,7 +744,11 @@ async fn zero_blocks(base: &dyn IoChannel, lba: u64, blocks: u64) -> Result<(), 
     while at < lba + blocks {
         let n = CHUNK.min(lba + blocks - at);
         let (r, _) = base
-            .write(at, IoBuf::zeroed((n * u64::from(BLOCK_SIZE)) as usize), false)
+            .write(
+                at,
+                IoBuf::zeroed((n * u64::from(BLOCK_SIZE)) as usize),
+                false,
+            )
             .await;
         r?;
         at += n;

@@ -13,9 +13,7 @@ use cairn_bdev::{BdevError, IoBuf, IoChannel};
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::format::{
-    encode_group, group_offset, Entry, Superblock, BLOCK_SIZE, GROUP_CLUSTERS,
-};
+use crate::format::{encode_group, group_offset, Entry, Superblock, BLOCK_SIZE, GROUP_CLUSTERS};
 use crate::mdio::MdFile;
 
 /// The allocator: the in-memory image of every cluster entry and the free
@@ -49,7 +47,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(path: PathBuf, md: MdFile, sb: Superblock, entries: Vec<Entry>) -> Result<Self> {
+    pub(crate) fn new(
+        path: PathBuf,
+        md: MdFile,
+        sb: Superblock,
+        entries: Vec<Entry>,
+    ) -> Result<Self> {
         let dev = open_dev(&path)?;
         let free: Vec<u64> = (0..entries.len() as u64)
             .rev()

@@ -53,14 +53,19 @@ fn decode(b: u64, data: &[u8]) -> Result<Option<u64>, String> {
     let blk = u64::from_le_bytes(head[..8].try_into().unwrap());
     let ver = u64::from_le_bytes(head[8..].try_into().unwrap());
     if blk != b || data.chunks(16).any(|c| c != head) {
-        return Err(format!("block {b} holds foreign or torn data (head blk={blk} ver={ver})"));
+        return Err(format!(
+            "block {b} holds foreign or torn data (head blk={blk} ver={ver})"
+        ));
     }
     Ok(Some(ver))
 }
 
 fn writer() {
     let path = std::env::var("CAIRN_CRASH_POOL").unwrap();
-    let uuid: Uuid = std::env::var("CAIRN_CRASH_REPLICA").unwrap().parse().unwrap();
+    let uuid: Uuid = std::env::var("CAIRN_CRASH_REPLICA")
+        .unwrap()
+        .parse()
+        .unwrap();
     let base: u64 = std::env::var("CAIRN_CRASH_VER").unwrap().parse().unwrap();
     let seed: u64 = std::env::var("CAIRN_CRASH_SEED").unwrap().parse().unwrap();
     let pool = cairn_pool::Pool::import(path.as_ref()).unwrap();
@@ -79,12 +84,22 @@ fn writer() {
         log("@READY\n".into());
         let mut tasks = Vec::new();
         for _ in 0..QD {
-            let (ch, busy, ver, rng, log) = (ch.clone(), busy.clone(), ver.clone(), rng.clone(), log.clone());
+            let (ch, busy, ver, rng, log) = (
+                ch.clone(),
+                busy.clone(),
+                ver.clone(),
+                rng.clone(),
+                log.clone(),
+            );
             tasks.push(monoio::spawn(async move {
                 loop {
                     let (op, b, fua) = {
                         let mut r = rng.borrow_mut();
-                        (r.gen_range(0..100u32), r.gen_range(0..NBLK), r.gen_bool(0.3))
+                        (
+                            r.gen_range(0..100u32),
+                            r.gen_range(0..NBLK),
+                            r.gen_bool(0.3),
+                        )
                     };
                     let v = {
                         let mut v = ver.borrow_mut();
@@ -164,7 +179,9 @@ fn crash_kill_loop() {
     on_reactor(async {
         let ch = channel(&junk);
         for i in 0..32u64 {
-            write(&*ch, i * 2048, &vec![0xEE; MIB as usize]).await.unwrap();
+            write(&*ch, i * 2048, &vec![0xEE; MIB as usize])
+                .await
+                .unwrap();
         }
     });
     pool.destroy_replica(junk.uuid()).unwrap();
@@ -181,7 +198,13 @@ fn crash_kill_loop() {
     for kill in 0..kills {
         let errlog = tp.dir.path().join("writer.stderr");
         let mut child = Command::new(&exe)
-            .args(["crash_kill_loop", "--exact", "--nocapture", "--test-threads", "1"])
+            .args([
+                "crash_kill_loop",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env("CAIRN_CRASH_ROLE", "writer")
             .env("CAIRN_CRASH_POOL", tp.path())
             .env("CAIRN_CRASH_REPLICA", uuid.to_string())
@@ -214,7 +237,9 @@ fn crash_kill_loop() {
             let _ = child.wait();
             panic!(
                 "writer did not start: {:?} {}",
-                reader.join().map(|l| l.into_iter().take(20).collect::<Vec<_>>()),
+                reader
+                    .join()
+                    .map(|l| l.into_iter().take(20).collect::<Vec<_>>()),
                 std::fs::read_to_string(&errlog).unwrap_or_default()
             );
         }
@@ -258,7 +283,10 @@ fn crash_kill_loop() {
         acked_total += acked_here;
 
         let report = check(tp.path()).unwrap();
-        assert!(report.is_clean(), "kill {kill}: checker found problems: {report:?}");
+        assert!(
+            report.is_clean(),
+            "kill {kill}: checker found problems: {report:?}"
+        );
 
         let pool = tp.import();
         let rep = pool.replica(uuid).unwrap();
@@ -295,5 +323,8 @@ fn crash_kill_loop() {
          {allocations_seen} cluster-mappings checked, {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    assert!(acked_total > u64::from(kills), "the writer made too little progress");
+    assert!(
+        acked_total > u64::from(kills),
+        "the writer made too little progress"
+    );
 }

@@ -80,7 +80,10 @@ fn both_superblock_copies_damaged_is_an_error() {
     let err = Pool::import(&copy).unwrap_err();
     assert!(matches!(err, PoolError::BadSuperblock { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("offset 0") && msg.contains("offset 4096"), "{msg}");
+    assert!(
+        msg.contains("offset 0") && msg.contains("offset 4096"),
+        "{msg}"
+    );
     assert!(check(&copy).is_err());
 
     // Wrong magic in both: not a pool at all.
@@ -183,7 +186,9 @@ fn thin_pool_overcommits_and_fails_cleanly_when_full() {
         assert_eq!(placed.len() as u64, clusters);
         // Writes into clusters already held still succeed.
         let (i, lba) = placed[0];
-        write(&*chans[i], lba + 8, &pattern(4096, 77)).await.unwrap();
+        write(&*chans[i], lba + 8, &pattern(4096, 77))
+            .await
+            .unwrap();
         // A write spanning a held and a new cluster fails with NoSpace for
         // the part that cannot be placed.
         let (i, lba) = *placed.last().unwrap();

@@ -78,7 +78,9 @@ fn destroy_returns_space_and_a_reused_cluster_reads_zeros() {
         let mut lba = 0;
         while lba < blocks {
             let n = (chunk as u64 / 512).min(blocks - lba);
-            write(&*ch, lba, &vec![0xAA; (n * 512) as usize]).await.unwrap();
+            write(&*ch, lba, &vec![0xAA; (n * 512) as usize])
+                .await
+                .unwrap();
             lba += n;
         }
     });
