@@ -1,5 +1,6 @@
 //! Shared pieces of the `cairn` and `cairnctl` binaries.
 
+pub mod system;
 pub mod table;
 
 /// An error chain as one line; a gRPC status shows its code and message
