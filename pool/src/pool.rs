@@ -362,7 +362,7 @@ impl Pool {
         );
         ctl.replicas.insert(req.uuid, rep.clone());
         if !req.thin {
-            self.thick_fill(&rep, 0, reserved)?;
+            self.thick_fill(&rep, 0, reserved, None)?;
         }
         tracing::info!(pool = %self.shared.name, replica = %rep.uuid(), size = req.size, thin = req.thin, "replica created");
         Ok(rep)
@@ -387,8 +387,16 @@ impl Pool {
     }
 
     /// Zeroes reserved clusters, makes them durable, then writes the entries
-    /// giving them to `rep` as logical clusters `first..`.
-    fn thick_fill(&self, rep: &Arc<Replica>, first: u64, clusters: Vec<u64>) -> Result<()> {
+    /// giving them to `rep` as logical clusters `first..`; finally grows the
+    /// replica to `grow_to` (if given) and maps them, under the allocator
+    /// lock, so no write can allocate those logical clusters meanwhile.
+    fn thick_fill(
+        &self,
+        rep: &Arc<Replica>,
+        first: u64,
+        clusters: Vec<u64>,
+        grow_to: Option<u64>,
+    ) -> Result<()> {
         let cs = self.shared.cluster_size;
         let r = (|| {
             for &p in &clusters {
@@ -398,6 +406,12 @@ impl Pool {
         })();
         if let Err(e) = r {
             self.unreserve(&clusters);
+            if let Some(size) = grow_to {
+                // The record already holds the new size; missing clusters
+                // are allocated on first write like a thin replica's.
+                let _a = self.shared.lock_alloc();
+                rep.grow_to(size);
+            }
             return Err(e);
         }
         let mut groups: Vec<u64> = clusters.iter().map(|p| p / GROUP_CLUSTERS).collect();
@@ -425,9 +439,15 @@ impl Pool {
             for &p in &clusters {
                 a.entries[p as usize] = Entry::FREE;
             }
+            if let Some(size) = grow_to {
+                rep.grow_to(size);
+            }
             return Err(e);
         }
         let _a = self.shared.lock_alloc();
+        if let Some(size) = grow_to {
+            rep.grow_to(size);
+        }
         for (i, &p) in clusters.iter().enumerate() {
             rep.set_mapping(first + i as u64, p);
         }
@@ -520,12 +540,12 @@ impl Pool {
             return Err(e);
         }
         ctl.records[rep.slot as usize] = Some(rec);
-        {
+        if rep.is_thin() {
             let _a = self.shared.lock_alloc();
             rep.grow_to(new_size);
-        }
-        if !reserved.is_empty() {
-            self.thick_fill(&rep, old_n, reserved)?;
+        } else {
+            // The new range becomes visible together with its clusters.
+            self.thick_fill(&rep, old_n, reserved, Some(new_size))?;
         }
         Ok(())
     }

@@ -472,8 +472,9 @@ impl ReplicaChannel {
             Ok(b) => b,
             Err(e) => return (Err(e), buf),
         };
-        let segs = self.segments(lba, blocks);
-        if let [(l, within, _, _)] = segs[..] {
+        let cb = self.r.shared.cluster_blocks;
+        if lba / cb == (lba + blocks - 1) / cb {
+            let (l, within) = (lba / cb, lba % cb);
             let v = self.lookup(l);
             if v == 0 || v == PENDING {
                 buf.zero();
@@ -483,7 +484,7 @@ impl ReplicaChannel {
             return base.read(plba, buf).await;
         }
         let bs = BLOCK_SIZE as usize;
-        for (l, within, n, off) in segs {
+        for (l, within, n, off) in self.segments(lba, blocks) {
             let range = off as usize * bs..(off + n) as usize * bs;
             let v = self.lookup(l);
             if v == 0 || v == PENDING {
@@ -512,12 +513,14 @@ impl ReplicaChannel {
             Ok(b) => b,
             Err(e) => return (Err(e), buf),
         };
-        let segs = self.segments(lba, blocks);
-        if let [(l, within, _, _)] = segs[..] {
-            return self.write_cluster(&**base, l, within, buf, fua).await;
+        let cb = self.r.shared.cluster_blocks;
+        if lba / cb == (lba + blocks - 1) / cb {
+            return self
+                .write_cluster(&**base, lba / cb, lba % cb, buf, fua)
+                .await;
         }
         let bs = BLOCK_SIZE as usize;
-        for (l, within, n, off) in segs {
+        for (l, within, n, off) in self.segments(lba, blocks) {
             let part = IoBuf::from_slice(&buf[off as usize * bs..(off + n) as usize * bs]);
             let (r, _) = self.write_cluster(&**base, l, within, part, fua).await;
             if let Err(e) = r {

@@ -332,3 +332,36 @@ fn concurrent_reactors_allocate_without_conflict() {
     assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(rep.used_clusters, 288 * 16 * 1024 / u64::from(CS));
 }
+
+#[test]
+fn thick_replica_keeps_its_space_on_deallocate_and_counts_io() {
+    let tp = TestPool::file(32 * MIB);
+    let pool = tp.create(CS);
+    let t = pool.create_replica(thick("t", MIB)).unwrap();
+    let cb = u64::from(CS) / 512;
+    on_reactor(async {
+        let ch = channel(&t);
+        write(&*ch, 0, &pattern(2 * CS as usize, 4)).await.unwrap();
+        ch.deallocate(0, cb).await.unwrap();
+        ch.write_zeroes(cb + 1, 1).await.unwrap();
+        ch.flush().await.unwrap();
+        let data = read(&*ch, 0, 2 * CS as usize).await;
+        let p = pattern(2 * CS as usize, 4);
+        let cs = CS as usize;
+        assert!(data[..cs].iter().all(|&x| x == 0));
+        assert_eq!(&data[cs..cs + 512], &p[cs..cs + 512]);
+        assert!(data[cs + 512..cs + 1024].iter().all(|&x| x == 0));
+        assert_eq!(&data[cs + 1024..], &p[cs + 1024..]);
+    });
+    // Thick space stays allocated.
+    assert_eq!(t.allocated_bytes(), MIB);
+    let s = t.stats();
+    assert_eq!((s.writes, s.reads, s.unmaps, s.flushes), (1, 1, 2, 1));
+    assert_eq!(s.bytes_written, 2 * u64::from(CS));
+    assert_eq!(s.allocated, MIB);
+    let info = t.replica_info();
+    assert_eq!(
+        (info.size, info.thin, info.pool_uuid),
+        (MIB, false, pool.uuid())
+    );
+}
