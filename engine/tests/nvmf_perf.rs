@@ -4,6 +4,7 @@
 //! benchmark; ignored by default. Run on a quiet machine with
 //! `cargo test --release -p cairn-engine --test nvmf_perf -- --ignored --nocapture`.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,10 +64,17 @@ fn random_read_4k_qd64_and_qd1() -> Result<()> {
             seed ^= seed << 17;
             seed % BLOCKS_4K
         };
+        // Buffers are reused, as a real client's would be.
+        let free = RefCell::new(Vec::<IoBuf>::new());
+        let free = &free;
         let read = |lba: u64| async move {
-            let (r, b) = ch.read(lba, IoBuf::zeroed(4096)).await;
+            let b = free
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| IoBuf::zeroed(4096));
+            let (r, b) = ch.read(lba, b).await;
             r.expect("read");
-            b
+            free.borrow_mut().push(b);
         };
         // QD64 for 3 seconds.
         let mut inflight = FuturesUnordered::new();
@@ -75,7 +83,7 @@ fn random_read_4k_qd64_and_qd1() -> Result<()> {
         }
         let start = Instant::now();
         let mut done = 0u64;
-        while let Some(_b) = inflight.next().await {
+        while let Some(()) = inflight.next().await {
             done += 1;
             if start.elapsed() < Duration::from_secs(3) {
                 inflight.push(read(next_lba()));

@@ -22,7 +22,7 @@ use monoio::net::TcpStream;
 
 use super::ctrl::{Controller, Reply};
 use super::status::bdev_status;
-use super::transport::{DropSink, RxBuf, TxQueue};
+use super::transport::{BufPool, RxBuf, TxQueue};
 use super::{ConnHandle, Shared};
 
 /// In-capsule data the admin queue accepts (the Linux host sends up to 8 KiB).
@@ -56,6 +56,7 @@ struct NsChan {
 /// What the I/O tasks of one queue share.
 struct IoCtx {
     tx: TxQueue,
+    pool: Rc<BufPool>,
     layout: TxLayout,
     qid: u16,
     ns: Vec<NsChan>,
@@ -135,28 +136,35 @@ enum Op {
 async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
     let (status, data) = match op {
         Op::Read { ns, lba, len } => {
-            let buf = IoBuf::zeroed(len);
+            let buf = ctx.pool.get(len);
             let (r, buf) = ctx.ns[ns].chan.read(lba, buf).await;
             match r {
                 Ok(()) => (Status::SUCCESS, Some((buf, len))),
-                Err(e) => (bdev_status(&e), None),
+                Err(e) => {
+                    ctx.pool.put(buf);
+                    (bdev_status(&e), None)
+                }
             }
         }
         Op::Write { ns, lba, buf, fua } => {
-            let (r, _buf) = ctx.ns[ns].chan.write(lba, buf, fua).await;
+            let (r, buf) = ctx.ns[ns].chan.write(lba, buf, fua).await;
+            ctx.pool.put(buf);
             (
                 r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS),
                 None,
             )
         }
         Op::Compare { ns, lba, buf } => {
-            let got = IoBuf::zeroed(buf.len());
+            let got = ctx.pool.get(buf.len());
             let (r, got) = ctx.ns[ns].chan.read(lba, got).await;
-            match r {
-                Ok(()) if got.as_slice() == buf.as_slice() => (Status::SUCCESS, None),
-                Ok(()) => (Status::COMPARE_FAILURE, None),
-                Err(e) => (bdev_status(&e), None),
-            }
+            let st = match r {
+                Ok(()) if got.as_slice() == buf.as_slice() => Status::SUCCESS,
+                Ok(()) => Status::COMPARE_FAILURE,
+                Err(e) => bdev_status(&e),
+            };
+            ctx.pool.put(got);
+            ctx.pool.put(buf);
+            (st, None)
         }
         Op::Flush { ns } => {
             let mut st = Status::SUCCESS;
@@ -221,6 +229,7 @@ enum State {
 }
 
 struct Queue {
+    pool: Rc<BufPool>,
     shared: Arc<Shared>,
     local: SocketAddr,
     handle: Arc<ConnHandle>,
@@ -247,12 +256,14 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = monoio::io::Splitable::into_split(stream);
     let tx = TxQueue::new();
-    let writer = monoio::spawn(tx.clone().run_writer(wr, Rc::new(DropSink)));
+    let pool = Rc::new(BufPool::default());
+    let writer = monoio::spawn(tx.clone().run_writer(wr, pool.clone()));
     let mut q = Queue {
         shared,
         local,
         handle: handle.clone(),
         tx: tx.clone(),
+        pool,
         layout: TxLayout::default(),
         lim: None,
         state: State::Init,
@@ -315,7 +326,7 @@ impl Queue {
                 let mut digest_ok = true;
                 if layout.data_len > 0 {
                     rx.skip(rd, layout.pad_len()).await.map_err(io_end)?;
-                    let buf = IoBuf::zeroed(layout.data_len);
+                    let buf = self.pool.get(layout.data_len);
                     let (r, buf) = rx.read_into(rd, buf, 0, layout.data_len).await;
                     r.map_err(io_end)?;
                     if layout.ddgst {
@@ -609,7 +620,7 @@ impl Queue {
         self.pending[usize::from(ttag)] = Some(Pending {
             sqe,
             cmd,
-            buf: IoBuf::zeroed(len as usize),
+            buf: self.pool.get(len as usize),
             got: 0,
         });
         let r2t = DataHeader {
@@ -817,6 +828,7 @@ impl Queue {
             Some(ns) => {
                 let ctx = Rc::new(IoCtx {
                     tx: self.tx.clone(),
+                    pool: self.pool.clone(),
                     layout: self.layout,
                     qid: c.qid,
                     ns,

@@ -404,3 +404,79 @@ unsafe impl IoVecBuf for Gather {
         (self.iov.len() - self.pos).min(1024)
     }
 }
+
+/// Buffers kept per size class (4 KiB .. 1 MiB, powers of two).
+const POOL_CLASSES: usize = 9;
+/// Buffers kept per class.
+const POOL_DEPTH: usize = 128;
+
+/// A reactor-local free list of I/O buffers, so the data path does not
+/// allocate (and the allocator does not fault pages in) per command.
+/// Buffers come back with stale contents; every user fills the whole length
+/// before reading it.
+#[derive(Default)]
+pub struct BufPool {
+    classes: RefCell<[Vec<IoBuf>; POOL_CLASSES]>,
+}
+
+impl BufPool {
+    fn class(cap: usize) -> Option<usize> {
+        if cap < cairn_bdev::buf::ALIGN || !cap.is_power_of_two() {
+            return None;
+        }
+        let c = (cap / cairn_bdev::buf::ALIGN).trailing_zeros() as usize;
+        (c < POOL_CLASSES).then_some(c)
+    }
+
+    /// A buffer of `len` bytes (contents unspecified).
+    pub fn get(&self, len: usize) -> IoBuf {
+        let cap = len.max(1).next_power_of_two().max(cairn_bdev::buf::ALIGN);
+        if let Some(c) = Self::class(cap) {
+            if let Some(mut b) = self.classes.borrow_mut()[c].pop() {
+                b.set_len(len);
+                return b;
+            }
+            let mut b = IoBuf::zeroed(cap);
+            b.set_len(len);
+            return b;
+        }
+        IoBuf::zeroed(len)
+    }
+
+    /// Gives a buffer back.
+    pub fn put(&self, buf: IoBuf) {
+        if let Some(c) = Self::class(buf.capacity()) {
+            let mut classes = self.classes.borrow_mut();
+            if classes[c].len() < POOL_DEPTH {
+                classes[c].push(buf);
+            }
+        }
+    }
+}
+
+impl SentSink for BufPool {
+    fn buf_sent(&self, _tag: u32, buf: IoBuf) {
+        self.put(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_reuses_by_size_class() {
+        let p = BufPool::default();
+        let b = p.get(4096);
+        let ptr = b.as_ptr();
+        assert_eq!(b.len(), 4096);
+        p.put(b);
+        let b = p.get(512);
+        assert_eq!(b.as_ptr(), ptr, "a 4 KiB buffer serves a 512-byte request");
+        assert_eq!(b.len(), 512);
+        let big = p.get(3 << 20);
+        assert_eq!(big.len(), 3 << 20);
+        p.put(big); // beyond the classes: dropped
+        assert!(p.classes.borrow().iter().all(|c| c.is_empty()));
+    }
+}
