@@ -289,7 +289,14 @@ impl Pool {
             .ok_or(PoolError::ReplicaNotFound { uuid })
     }
 
+    /// Metadata blocks written since import: allocation, release and control
+    /// operations write them; writes into allocated clusters never do.
+    pub fn metadata_writes(&self) -> u64 {
+        self.shared.md_writes.load(SeqCst)
+    }
+
     fn write_record(&self, slot: u32, rec: &ReplicaRecord) -> Result<()> {
+        self.shared.md_writes.fetch_add(1, SeqCst);
         self.shared.md.write(replica_offset(slot), &rec.encode())?;
         self.shared.md.sync()
     }

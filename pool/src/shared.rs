@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     /// Number of releases waiting for in-flight I/O to drain; while it is
     /// not zero, finishing I/Os wake them.
     pub quiescing: AtomicU64,
+    /// Metadata blocks written since import (group headers, records).
+    pub md_writes: AtomicU64,
 }
 
 impl Shared {
@@ -73,6 +75,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             notify: Notify::default(),
             quiescing: AtomicU64::new(0),
+            md_writes: AtomicU64::new(0),
         })
     }
 
@@ -127,6 +130,7 @@ impl Shared {
             let _held = self.notify.lock(&lock).await;
             let img = self.group_image(g);
             let lba = group_offset(self.cluster_size, g) / u64::from(BLOCK_SIZE);
+            self.md_writes.fetch_add(1, Ordering::Relaxed);
             let (r, _) = ch.write(lba, img, false).await;
             r?;
         }
@@ -148,6 +152,7 @@ impl Shared {
                 notify: &self.notify,
             };
             let img = self.group_image(g);
+            self.md_writes.fetch_add(1, Ordering::Relaxed);
             self.md.write(group_offset(self.cluster_size, g), &img)?;
         }
         Ok(())

@@ -365,3 +365,50 @@ fn thick_replica_keeps_its_space_on_deallocate_and_counts_io() {
         (MIB, false, pool.uuid())
     );
 }
+
+#[test]
+fn writes_into_allocated_clusters_touch_no_metadata() {
+    use cairn_bdev::file::{FileDevice, FileOptions};
+    use std::time::Instant;
+    let tp = TestPool::file(64 * MIB);
+    let pool = tp.create(CS);
+    let r = pool.create_replica(thin("r", 8 * MIB)).unwrap();
+    const N: u64 = 2000;
+    let (via_replica, first) = on_reactor(async {
+        let ch = channel(&r);
+        let before = pool.metadata_writes();
+        let t = Instant::now();
+        for c in 0..32u64 {
+            write(&*ch, c * 128, &pattern(4096, c)).await.unwrap();
+        }
+        let first = t.elapsed() / 32;
+        let allocations = pool.metadata_writes() - before;
+        assert_eq!(allocations, 32, "one group write per allocation");
+        let before = pool.metadata_writes();
+        let t = Instant::now();
+        for i in 0..N {
+            let lba = (i * 8) % (32 * 128);
+            write(&*ch, lba, &pattern(4096, i)).await.unwrap();
+        }
+        let el = t.elapsed();
+        assert_eq!(pool.metadata_writes(), before, "fast path wrote metadata");
+        (el / N as u32, first)
+    });
+    // The same writes straight to a file device, for comparison.
+    let raw = tp.dir.path().join("raw.img");
+    let dev = FileDevice::create(&raw, 8 * MIB, FileOptions::default()).unwrap();
+    let direct = on_reactor(async {
+        let ch = dev.open_channel().unwrap();
+        let t = Instant::now();
+        for i in 0..N {
+            write(&*ch, (i * 8) % (32 * 128), &pattern(4096, i))
+                .await
+                .unwrap();
+        }
+        t.elapsed() / N as u32
+    });
+    eprintln!(
+        "4 KiB QD1 write: replica (allocated) {via_replica:?}, file device {direct:?}, \
+         first write (allocation) {first:?}"
+    );
+}
