@@ -1,0 +1,363 @@
+//! Cairn's NVMe-oF/TCP target against the real Linux initiator: the target
+//! runs in this test process on `127.0.0.1`, the Debian 12 guest (kernel
+//! 6.1, nvme-cli, fio, e2fsprogs, xfsprogs) reaches it as `10.0.2.2`.
+//! Every `vm_` test boots a guest; each groups many checks into one guest
+//! script that prints `PASS <check>` after each and stops at the first
+//! failure with its kernel messages.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use cairn_sanity_tests::vm::{Vm, VmOutput};
+use common::{sh_path, sh_vars, Backing, Fixture, HostId, Relay, GUEST_LIB, MIB};
+
+fn vm() -> Vm {
+    Vm::new().cpus(2).mem_mib(1536).timeout_secs(300)
+}
+
+fn ensure_passed(out: &VmOutput, checks: &[&str]) -> Result<()> {
+    ensure!(
+        out.status == 0,
+        "guest script exited {}:\n{}\n{}",
+        out.status,
+        out.output,
+        out.log
+    );
+    for c in checks {
+        ensure!(
+            out.output
+                .lines()
+                .any(|l| l.trim_end() == format!("PASS {c}")),
+            "check {c} did not pass:\n{}",
+            out.output
+        );
+    }
+    Ok(())
+}
+
+/// Discovery, the allow-list, `nvme connect` with 2 I/O queues and digests
+/// and with the defaults, fio crc32c verification at 4K and 128K on a pool
+/// replica and on a RAM device, and a clean `nvme disconnect -n`.
+const CONNECT_SCRIPT: &str = r#"
+log "discovery as the allowed host"
+out=$(nvme discover -t tcp -a "$A" -s "$PORT" --hostnqn "$HOSTNQN" --hostid "$HOSTID") \
+    || die "nvme discover failed: $out"
+echo "$out"
+grep -qF "$POOL_NQN" <<<"$out" || die "discovery log lacks $POOL_NQN"
+grep -qF "$RAM_NQN" <<<"$out" || die "discovery log lacks $RAM_NQN"
+grep -q "trsvcid: *$TARGET_PORT" <<<"$out" || die "discovery log lacks the target's port"
+pass discover
+
+log "discovery as a host not on the allow-list"
+out=$(nvme discover -t tcp -a "$A" -s "$PORT" --hostnqn "$DENIED_NQN" --hostid "$DENIED_ID" 2>&1) || true
+echo "$out"
+if grep -qF "$POOL_NQN" <<<"$out"; then die "discovery showed $POOL_NQN to a host not allowed"; fi
+pass discover-filtered
+
+log "connect as a host not on the allow-list"
+if nvme connect -t tcp -a "$A" -s "$PORT" -n "$POOL_NQN" --hostnqn "$DENIED_NQN" --hostid "$DENIED_ID"; then
+    die "a host not on the allow-list connected"
+fi
+[ -z "$(ctrl_of "$POOL_NQN")" ] || die "a controller exists after the refused connect"
+dmesg | tail -n 3
+# The kernel decodes the target's Connect status as "Connect Invalid Host".
+dmesg | grep -q "$POOL_NQN is not allowed, hostnqn: $DENIED_NQN" \
+    || die "the kernel did not see an invalid-host rejection"
+pass denied-host
+
+log "connect -i 2 with header and data digests (pool replica)"
+connect -n "$POOL_NQN" -i 2 --hdr-digest --data-digest
+c=$(ctrl_of "$POOL_NQN")
+[ -n "$c" ] || die "no controller for $POOL_NQN"
+echo "$c: transport=$(cat /sys/class/nvme/$c/transport) state=$(cat /sys/class/nvme/$c/state) queue_count=$(qcount "$POOL_NQN") address=$(cat /sys/class/nvme/$c/address)"
+[ "$(qcount "$POOL_NQN")" = 3 ] || die "expected 1 admin + 2 I/O queues"
+[ "$(cat /sys/class/nvme/$c/transport)" = tcp ] || die "not tcp"
+nvme list-subsys
+dev=$(wait_ns "$POOL_NQN")
+echo "namespace $dev: $(cat /sys/block/$(basename $dev)/size) sectors"
+[ "$(cat /sys/block/$(basename $dev)/size)" = "$POOL_SECTORS" ] || die "wrong namespace size"
+pass connect-2q-digests
+
+verify_fio 4k 16M "$dev"
+pass fio-4k-pool-digests
+verify_fio 128k 64M "$dev"
+pass fio-128k-pool-digests
+
+log "disconnect -n"
+disconnect "$POOL_NQN"
+[ ! -e "$dev" ] || die "$dev still exists"
+pass disconnect-pool
+
+log "connect with the default queue count, no digests (RAM device)"
+connect -n "$RAM_NQN"
+echo "queue_count=$(qcount "$RAM_NQN") nproc=$(nproc)"
+[ "$(qcount "$RAM_NQN")" = "$(( $(nproc) + 1 ))" ] || die "expected one I/O queue per guest CPU"
+dev=$(wait_ns "$RAM_NQN")
+pass connect-default
+
+verify_fio 4k 16M "$dev"
+pass fio-4k-ram
+verify_fio 128k 64M "$dev"
+pass fio-128k-ram
+
+disconnect "$RAM_NQN"
+[ ! -e "$dev" ] || die "$dev still exists"
+[ -z "$(ls /sys/class/nvme/ 2>/dev/null)" ] || die "controllers left: $(ls /sys/class/nvme/)"
+pass disconnect-ram
+if dmesg | grep -Ei "digest error|nvme.*(I/O error|timeout)"; then die "kernel reported errors"; fi
+pass clean-dmesg
+"#;
+
+#[test]
+fn vm_nvmf_discover_allowlist_connect_fio() -> Result<()> {
+    let host = HostId::random();
+    let denied = HostId::random();
+    let pool_bytes = 256 * MIB;
+    let fx = Fixture::start(
+        &[Backing::PoolReplica(pool_bytes), Backing::Ram(128 * MIB)],
+        &[&host],
+    )?;
+    let relay = Relay::start(fx.target.local_addr())?;
+    let script = sh_vars(&[
+        ("PORT", relay.port().to_string()),
+        ("TARGET_PORT", fx.port().to_string()),
+        ("HOSTNQN", host.nqn.clone()),
+        ("HOSTID", host.id.to_string()),
+        ("DENIED_NQN", denied.nqn.clone()),
+        ("DENIED_ID", denied.id.to_string()),
+        ("POOL_NQN", fx.nqns[0].clone()),
+        ("RAM_NQN", fx.nqns[1].clone()),
+        ("POOL_SECTORS", (pool_bytes / 512).to_string()),
+    ]) + GUEST_LIB
+        + CONNECT_SCRIPT;
+    let out = vm().run(&script).context("guest run")?;
+    ensure_passed(
+        &out,
+        &[
+            "discover",
+            "discover-filtered",
+            "denied-host",
+            "connect-2q-digests",
+            "fio-4k-pool-digests",
+            "fio-128k-pool-digests",
+            "disconnect-pool",
+            "connect-default",
+            "fio-4k-ram",
+            "fio-128k-ram",
+            "disconnect-ram",
+            "clean-dmesg",
+        ],
+    )?;
+
+    // What crossed the wire: the 2-queue connect asked for both digests on
+    // its admin and both I/O queues and the target granted them; the other
+    // connections asked for none and got none.
+    let seen = relay.negotiated();
+    eprintln!("negotiated (ICReq, ICResp DGST): {seen:?}");
+    let both = seen.iter().filter(|n| n.req == 3 && n.resp == 3).count();
+    ensure!(
+        both == 3,
+        "expected 3 connections with both digests: {seen:?}"
+    );
+    ensure!(
+        seen.iter().all(|n| n.req == n.resp),
+        "the target granted other digests than asked: {seen:?}"
+    );
+    ensure!(
+        seen.iter().filter(|n| n.req == 0).count() >= 4,
+        "expected connections without digests: {seen:?}"
+    );
+    ensure!(
+        fx.target
+            .list_subsystems()
+            .iter()
+            .all(|s| s.controllers == 0),
+        "controllers left on the target: {:?}",
+        fx.target.list_subsystems()
+    );
+    Ok(())
+}
+
+/// ext4 and XFS on a pool replica: files written, the controller
+/// disconnected and reconnected (with other queue and digest settings),
+/// the files read back identical.
+const FS_SCRIPT: &str = r#"
+mkdir -p /mnt/t
+# write_files: 3 files of 4 MiB plus one of 1 MiB, checksums kept outside.
+write_files() {
+    local i
+    for i in 1 2 3; do dd if=/dev/urandom of=/mnt/t/f$i bs=1M count=4 status=none; done
+    dd if=/dev/urandom of=/mnt/t/small bs=4k count=256 status=none
+    (cd /mnt/t && sha256sum f1 f2 f3 small) > "/root/$1.sum"
+    cat "/root/$1.sum"
+}
+check_files() {
+    (cd /mnt/t && sha256sum -c "/root/$1.sum") || die "$1 files differ after reconnect"
+}
+
+log "ext4"
+connect -n "$POOL_NQN" -i 1
+[ "$(qcount "$POOL_NQN")" = 2 ] || die "expected 1 admin + 1 I/O queue"
+dev=$(wait_ns "$POOL_NQN")
+mkfs.ext4 -q -F "$dev"
+mount "$dev" /mnt/t
+write_files ext4
+umount /mnt/t
+disconnect "$POOL_NQN"
+connect -n "$POOL_NQN"
+dev=$(wait_ns "$POOL_NQN")
+mount "$dev" /mnt/t
+check_files ext4
+umount /mnt/t
+pass ext4-survives-reconnect
+
+log "xfs"
+mkfs.xfs -q -f "$dev"
+mount "$dev" /mnt/t
+write_files xfs
+umount /mnt/t
+disconnect "$POOL_NQN"
+connect -n "$POOL_NQN" -i 2 --hdr-digest --data-digest
+dev=$(wait_ns "$POOL_NQN")
+mount "$dev" /mnt/t
+check_files xfs
+umount /mnt/t
+xfs_repair -n "$dev" || die "xfs_repair -n found damage"
+disconnect "$POOL_NQN"
+pass xfs-survives-reconnect
+if dmesg | grep -Ei "digest error|I/O error|corrupt"; then die "kernel reported errors"; fi
+pass clean-dmesg
+"#;
+
+#[test]
+fn vm_nvmf_ext4_xfs_survive_reconnect() -> Result<()> {
+    let host = HostId::random();
+    // XFS wants at least 300 MB.
+    let fx = Fixture::start(&[Backing::PoolReplica(512 * MIB)], &[&host])?;
+    let script = sh_vars(&[
+        ("PORT", fx.port().to_string()),
+        ("HOSTNQN", host.nqn.clone()),
+        ("HOSTID", host.id.to_string()),
+        ("POOL_NQN", fx.nqns[0].clone()),
+    ]) + GUEST_LIB
+        + FS_SCRIPT;
+    let out = vm().run(&script).context("guest run")?;
+    ensure_passed(
+        &out,
+        &[
+            "ext4-survives-reconnect",
+            "xfs-survives-reconnect",
+            "clean-dmesg",
+        ],
+    )?;
+    let pool = fx.pool.as_ref().context("pool")?;
+    ensure!(
+        pool.info().used > 0,
+        "the replica holds no data: {:?}",
+        pool.info()
+    );
+    Ok(())
+}
+
+/// The guest's ctrl-loss-tmo for the target-kill test, in seconds.
+const CTRL_LOSS_TMO: u64 = 5;
+/// How long after the target stops the guest's I/O must have failed:
+/// ctrl-loss-tmo plus margin for detection, reconnect attempts and TCG.
+const IO_FAIL_LIMIT: u64 = CTRL_LOSS_TMO + 40;
+
+/// Writes run against the target; the host shuts the target down; the
+/// kernel must give up after ctrl-loss-tmo and fail the I/O rather than
+/// hang. Hand-shake over the 9p-shared `$SYNC`: the guest creates
+/// `io-running`, the host shuts the target down and creates `target-stopped`.
+const KILL_SCRIPT: &str = r#"
+log "connect with ctrl-loss-tmo=$CTRL_LOSS_TMO reconnect-delay=1"
+connect -n "$NQN" --ctrl-loss-tmo="$CTRL_LOSS_TMO" --reconnect-delay=1
+c=$(ctrl_of "$NQN")
+[ -e "/sys/class/nvme/$c/ctrl_loss_tmo" ] && echo "ctrl_loss_tmo=$(cat /sys/class/nvme/$c/ctrl_loss_tmo)"
+dev=$(wait_ns "$NQN")
+fio --name=busy --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    --bs=64k --iodepth=8 --size=64M --time_based --runtime=600 >/root/fio.log 2>&1 &
+pid=$!
+sleep 3
+kill -0 "$pid" || { cat /root/fio.log; die "fio stopped before the target did"; }
+pass io-running
+touch "$SYNC/io-running"
+
+for i in $(seq 1 1200); do [ -e "$SYNC/target-stopped" ] && break; sleep 0.1; done
+[ -e "$SYNC/target-stopped" ] || die "the host never stopped the target"
+t0=$(date +%s%N)
+log "target stopped; waiting up to ${LIMIT}s for the I/O to fail"
+while kill -0 "$pid" 2>/dev/null; do
+    if [ $(( ($(date +%s%N) - t0) / 1000000000 )) -ge "$LIMIT" ]; then
+        dmesg | tail -n 30
+        kill -9 "$pid" || true
+        die "I/O still hanging ${LIMIT}s after the target stopped"
+    fi
+    sleep 0.2
+done
+rc=0
+wait "$pid" || rc=$?
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+cat /root/fio.log
+echo "fio exit $rc after ${ms} ms"
+echo "IO_FAILED_AFTER_MS $ms"
+[ "$rc" -ne 0 ] || die "fio succeeded although the target is gone"
+grep -Eq "err= *[1-9]|Input/output error|No such device" /root/fio.log || die "fio reported no I/O error"
+pass io-failed
+wait_gone "$NQN"
+pass controller-removed
+dmesg | grep -E "nvme|$NQN" | tail -n 15
+"#;
+
+#[test]
+fn vm_nvmf_target_shutdown_fails_guest_io() -> Result<()> {
+    let host = HostId::random();
+    let fx = Fixture::start(&[Backing::Ram(128 * MIB)], &[&host])?;
+    let sync = common::shared_dir()?;
+    let script = sh_vars(&[
+        ("PORT", fx.port().to_string()),
+        ("HOSTNQN", host.nqn.clone()),
+        ("HOSTID", host.id.to_string()),
+        ("NQN", fx.nqns[0].clone()),
+        ("SYNC", sh_path(sync.path())),
+        ("CTRL_LOSS_TMO", CTRL_LOSS_TMO.to_string()),
+        ("LIMIT", IO_FAIL_LIMIT.to_string()),
+    ]) + GUEST_LIB
+        + KILL_SCRIPT;
+    let guest = {
+        let vm = vm().share(sync.path());
+        thread::spawn(move || vm.run(&script))
+    };
+
+    let running = sync.path().join("io-running");
+    let deadline = Instant::now() + Duration::from_secs(280);
+    while !running.exists() && !guest.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let saw_io = running.exists();
+    if saw_io {
+        // Let the I/O run against the target for a moment, then stop it.
+        thread::sleep(Duration::from_secs(1));
+        fx.target.shutdown();
+        eprintln!("target shut down");
+    }
+    std::fs::write(sync.path().join("target-stopped"), b"")?;
+    let out = guest
+        .join()
+        .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
+        .context("guest run")?;
+    ensure!(saw_io, "the guest never started I/O:\n{}", out.output);
+    ensure_passed(&out, &["io-running", "io-failed", "controller-removed"])?;
+    let ms: u64 = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("IO_FAILED_AFTER_MS "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no IO_FAILED_AFTER_MS line")?;
+    eprintln!("guest I/O failed {ms} ms after the target stopped");
+    ensure!(ms <= IO_FAIL_LIMIT * 1000, "I/O failed only after {ms} ms");
+    Ok(())
+}
