@@ -32,6 +32,7 @@ const REPLICA_SIZE: u64 = 8 * MIB;
 const NBLK: u64 = REPLICA_SIZE / BLK as u64;
 const BLK_PER_CLUSTER: u64 = CS as u64 / BLK as u64;
 const QD: usize = 8;
+const SCRATCH_SIZE: u64 = 2 * MIB;
 
 fn content(b: u64, v: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(BLK);
@@ -70,6 +71,15 @@ fn writer() {
     let seed: u64 = std::env::var("CAIRN_CRASH_SEED").unwrap().parse().unwrap();
     let pool = cairn_pool::Pool::import(path.as_ref()).unwrap();
     let rep = pool.replica(uuid).unwrap();
+    // Control operations race with the I/O, so kills also land inside
+    // thick replica creation and replica destruction.
+    let control = pool.clone();
+    std::thread::spawn(move || loop {
+        let r = control
+            .create_replica(thick("scratch", SCRATCH_SIZE))
+            .unwrap();
+        control.destroy_replica(r.uuid()).unwrap();
+    });
     let out = Rc::new(RefCell::new(std::io::stdout()));
     let log = move |s: String| {
         let mut o = out.borrow_mut();
@@ -194,7 +204,7 @@ fn crash_kill_loop() {
     let mut model = vec![Block::default(); NBLK as usize];
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();
-    let (mut acked_total, mut allocations_seen) = (0u64, 0u64);
+    let (mut acked_total, mut allocations_seen, mut scratch_seen) = (0u64, 0u64, 0u64);
     for kill in 0..kills {
         let errlog = tp.dir.path().join("writer.stderr");
         let mut child = Command::new(&exe)
@@ -290,11 +300,26 @@ fn crash_kill_loop() {
 
         let pool = tp.import();
         let rep = pool.replica(uuid).unwrap();
+        let held: u64 = pool.replicas().iter().map(|r| r.allocated_bytes()).sum();
         assert_eq!(
             pool.info().used,
-            rep.allocated_bytes(),
-            "kill {kill}: pool space not all owned by the replica"
+            held,
+            "kill {kill}: pool space not all owned by replicas"
         );
+        // A scratch replica left by the kill was never written: it must
+        // read zeros whatever its clusters held before.
+        for s in pool.replicas().into_iter().filter(|r| r.uuid() != uuid) {
+            let data = on_reactor(async {
+                let ch = channel(&s);
+                read(&*ch, 0, SCRATCH_SIZE as usize).await
+            });
+            assert!(
+                data.iter().all(|&x| x == 0),
+                "kill {kill}: a new thick replica shows old data"
+            );
+            scratch_seen += 1;
+            pool.destroy_replica(s.uuid()).unwrap();
+        }
         allocations_seen += rep.allocated_bytes() / u64::from(CS);
         let data = on_reactor(async {
             let ch = channel(&rep);
@@ -320,7 +345,8 @@ fn crash_kill_loop() {
     }
     eprintln!(
         "crash test: {kills} kills, {acked_total} acknowledged writes verified, \
-         {allocations_seen} cluster-mappings checked, {:.1}s",
+         {allocations_seen} cluster-mappings checked, {scratch_seen} interrupted \
+         thick creates read back as zeros, {:.1}s",
         started.elapsed().as_secs_f64()
     );
     assert!(
