@@ -498,6 +498,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Grows a nexus online (after its children grew).
+    pub fn resize_nexus(&self, uuid: &str, size_bytes: u64) -> Result<(), EngineError> {
+        let uuid = parse_uuid("nexus", uuid)?;
+        let mut nexuses = self.nexuses.lock().expect("poisoned");
+        let entry = nexuses.get_mut(&uuid).ok_or(EngineError::NotFound {
+            kind: "nexus",
+            id: uuid.to_string(),
+        })?;
+        entry.nexus.resize(size_bytes)?;
+        entry.size_bytes = size_bytes;
+        tracing::info!(nexus = %uuid, size_bytes, "nexus resized");
+        Ok(())
+    }
+
     /// Unpublishes and drops a nexus; unknown is NotFound.
     pub fn destroy_nexus(&self, uuid: &str) -> Result<(), EngineError> {
         let uuid = parse_uuid("nexus", uuid)?;

@@ -10,7 +10,7 @@
 //! through the NVMe/TCP initiator.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cairn_bdev::{BdevError, BlockDevice, BufResult, DeviceInfo, IoBuf, IoChannel, IoFuture};
@@ -61,11 +61,15 @@ pub enum NexusError {
     BlockSize { uri: String, got: u32, want: u32 },
     #[error("child {uri} holds {got} bytes, the volume needs {want}")]
     TooSmall { uri: String, got: u64, want: u64 },
+    #[error("a volume of {from} bytes cannot shrink to {to}")]
+    Shrink { from: u64, to: u64 },
 }
 
 /// A mirrored volume.
 pub struct Nexus {
     info: DeviceInfo,
+    /// The volume's size in blocks; grows online (see [`Nexus::resize`]).
+    num_blocks: Arc<AtomicU64>,
     children: Arc<Vec<Child>>,
 }
 
@@ -109,9 +113,35 @@ impl Nexus {
             })
             .collect();
         Ok(Nexus {
+            num_blocks: Arc::new(AtomicU64::new(info.num_blocks)),
             info,
             children: Arc::new(children),
         })
+    }
+
+    /// Grows the volume to `size_bytes`; every child must already hold that
+    /// much. Open channels see the new size at once.
+    pub fn resize(&self, size_bytes: u64) -> Result<(), NexusError> {
+        for c in self.children.iter() {
+            let got = c.device.info().size_bytes();
+            if got < size_bytes {
+                return Err(NexusError::TooSmall {
+                    uri: c.uri.clone(),
+                    got,
+                    want: size_bytes,
+                });
+            }
+        }
+        let blocks = size_bytes / u64::from(self.info.block_size);
+        let old = self.num_blocks.load(Ordering::Acquire);
+        if blocks < old {
+            return Err(NexusError::Shrink {
+                from: old * u64::from(self.info.block_size),
+                to: size_bytes,
+            });
+        }
+        self.num_blocks.store(blocks, Ordering::Release);
+        Ok(())
     }
 
     /// The children and their states.
@@ -122,7 +152,10 @@ impl Nexus {
 
 impl BlockDevice for Nexus {
     fn info(&self) -> DeviceInfo {
-        self.info.clone()
+        DeviceInfo {
+            num_blocks: self.num_blocks.load(Ordering::Acquire),
+            ..self.info.clone()
+        }
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
@@ -141,6 +174,7 @@ impl BlockDevice for Nexus {
         }
         Ok(Box::new(NexusChannel {
             info: self.info.clone(),
+            num_blocks: self.num_blocks.clone(),
             children: self.children.clone(),
             channels,
             next: Cell::new(0),
@@ -163,7 +197,9 @@ fn is_child_failure(e: &BdevError) -> bool {
 }
 
 struct NexusChannel {
+    /// Geometry; `num_blocks` here is stale, the live size is `num_blocks`.
     info: DeviceInfo,
+    num_blocks: Arc<AtomicU64>,
     children: Arc<Vec<Child>>,
     /// (index into `children`, channel) for children healthy at open time.
     channels: Vec<(usize, Box<dyn IoChannel>)>,
@@ -171,6 +207,13 @@ struct NexusChannel {
 }
 
 impl NexusChannel {
+    fn geometry(&self) -> DeviceInfo {
+        DeviceInfo {
+            num_blocks: self.num_blocks.load(Ordering::Acquire),
+            ..self.info.clone()
+        }
+    }
+
     fn healthy(&self) -> impl Iterator<Item = &(usize, Box<dyn IoChannel>)> {
         self.channels
             .iter()
@@ -224,7 +267,7 @@ impl IoChannel for NexusChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
         Box::pin(async move {
             let mut buf = buf;
-            if let Err(e) = self.info.check_buf(lba, buf.len()) {
+            if let Err(e) = self.geometry().check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
             // Try healthy children in rotation until one answers.
@@ -254,7 +297,7 @@ impl IoChannel for NexusChannel {
 
     fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
         Box::pin(async move {
-            if let Err(e) = self.info.check_buf(lba, buf.len()) {
+            if let Err(e) = self.geometry().check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
             let legs: Vec<&(usize, Box<dyn IoChannel>)> = self.healthy().collect();
@@ -291,14 +334,14 @@ impl IoChannel for NexusChannel {
 
     fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
         Box::pin(async move {
-            self.info.check_range(lba, blocks)?;
+            self.geometry().check_range(lba, blocks)?;
             self.all(move |ch| ch.write_zeroes(lba, blocks)).await
         })
     }
 
     fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
         Box::pin(async move {
-            self.info.check_range(lba, blocks)?;
+            self.geometry().check_range(lba, blocks)?;
             self.all(move |ch| ch.deallocate(lba, blocks)).await
         })
     }
@@ -415,6 +458,29 @@ mod tests {
             assert!(matches!(r, Err(BdevError::OutOfRange { .. })));
             assert_eq!(nexus.children()[0].state(), ChildState::Healthy);
         });
+    }
+
+    #[test]
+    fn grows_online_within_its_children() {
+        let a: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(512, 2048));
+        let nexus = Nexus::new(512 * 1024, vec![("a".into(), a)]).unwrap();
+        block_on(async {
+            let ch = nexus.open_channel().unwrap();
+            let (r, _) = ch.write(1500, IoBuf::zeroed(512), false).await;
+            assert!(matches!(r, Err(BdevError::OutOfRange { .. })));
+            nexus.resize(512 * 2048).unwrap();
+            assert_eq!(nexus.info().num_blocks, 2048);
+            let (r, _) = ch.write(1500, IoBuf::zeroed(512), false).await;
+            r.unwrap();
+        });
+        assert!(matches!(
+            nexus.resize(512 * 4096),
+            Err(NexusError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            nexus.resize(512 * 10),
+            Err(NexusError::Shrink { .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use pb::engine_server::Engine as EngineApi;
 use tonic::{Code, Request, Response, Status};
 
 use crate::core::{replica_nqn, Engine, EngineError};
-use crate::nexus::ChildState;
+use crate::nexus::{ChildState, NexusError};
 use crate::target::TargetError;
 
 impl From<EngineError> for Status {
@@ -45,6 +45,7 @@ impl From<EngineError> for Status {
                 TargetError::Shutdown => Code::Unavailable,
                 _ => Code::Internal,
             },
+            EngineError::Nexus(NexusError::Shrink { .. }) => Code::FailedPrecondition,
             EngineError::Nexus(_) | EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::NotFound { .. } => Code::NotFound,
             EngineError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -322,6 +323,20 @@ impl EngineApi for EngineService {
         let out = self
             .run(move |e| {
                 e.create_nexus(&r.uuid, r.size_bytes, &r.children, r.allowed_hosts)?;
+                nexus_pb(e, &r.uuid.to_lowercase())
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn resize_nexus(
+        &self,
+        r: Request<pb::ResizeNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let out = self
+            .run(move |e| {
+                e.resize_nexus(&r.uuid, r.size_bytes)?;
                 nexus_pb(e, &r.uuid.to_lowercase())
             })
             .await?;

@@ -514,7 +514,8 @@ impl Control {
         Ok(vol)
     }
 
-    /// Grows every replica of an unpublished volume.
+    /// Grows a volume: every replica first, then the nexus if published, so
+    /// the host sees the new size only when all of it is backed.
     pub async fn resize_volume(
         &self,
         id: &str,
@@ -531,18 +532,23 @@ impl Control {
         if size_bytes == vol.size_bytes {
             return Ok(vol);
         }
-        if let Some(t) = &vol.target {
-            return Err(ControlError::FailedPrecondition(format!(
-                "volume {id} is published on {}; unpublish it to resize",
-                t.node
-            )));
-        }
         for r in &vol.replicas {
             let node = self.node(&r.node).await?;
             let mut engine = self.engine(&node)?;
             engine
                 .resize_replica(pb::ResizeReplicaRequest {
                     uuid: r.uuid.clone(),
+                    size_bytes,
+                })
+                .await
+                .map_err(engine_err(&node.id))?;
+        }
+        if let Some(t) = &vol.target {
+            let node = self.node(&t.node).await?;
+            let mut engine = self.engine(&node)?;
+            engine
+                .resize_nexus(pb::ResizeNexusRequest {
+                    uuid: id.to_owned(),
                     size_bytes,
                 })
                 .await
