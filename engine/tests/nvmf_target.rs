@@ -553,3 +553,42 @@ fn channel_reconnects_after_the_connection_drops() -> Result<()> {
     client.shutdown();
     Ok(())
 }
+
+fn cpu_time() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a full rusage into the pointer we own.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[test]
+fn idle_target_and_initiator_use_no_cpu() -> Result<()> {
+    let f = fixture(None)?;
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    let client = Reactors::start(1, "client")?;
+    let d = dev.clone();
+    // Keep an open I/O queue on the client reactor while idle.
+    let (tx, rx) = flume::bounded::<()>(1);
+    client.spawn(0, move || async move {
+        let q = d.open_channel().expect("open channel");
+        let (r, _) = q.read(0, IoBuf::zeroed(4096)).await;
+        r.expect("read");
+        let _ = rx.recv_async().await;
+        drop(q);
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time() - before;
+    drop(tx);
+    ensure!(
+        used < Duration::from_millis(30),
+        "idle target and initiator used {used:?} of CPU in 1 s"
+    );
+    client.shutdown();
+    Ok(())
+}
