@@ -40,6 +40,12 @@ pub fn replica_nqn(uuid: &uuid::Uuid) -> String {
     format!("nqn.2024-01.dev.cairn:replica:{uuid}")
 }
 
+/// The serial number reported for a volume's controller: 20 hex digits of
+/// its UUID, stable across engine restarts and unique per volume.
+pub fn volume_serial(uuid: &uuid::Uuid) -> String {
+    uuid.simple().to_string()[..20].to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +55,8 @@ mod tests {
         assert_eq!(PFV, 0);
         assert_eq!(DISCOVERY_NQN.len(), 36);
         let u = uuid::Uuid::nil();
+        let v = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        assert_eq!(volume_serial(&v), "0123456789abcdef0011");
         assert_eq!(
             volume_nqn(&u),
             "nqn.2024-01.dev.cairn:vol:00000000-0000-0000-0000-000000000000"
