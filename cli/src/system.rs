@@ -160,15 +160,16 @@ impl System {
             .clone()
             .unwrap_or_else(|| data_dir.join("csi.sock"));
 
+        let engine_cfg = EngineConfig {
+            nvmf_listen: cfg.nvmf_listen,
+            reactors: cfg.reactors,
+            max_io_queues: 8,
+            host_nqn: EngineConfig::default_host_nqn(),
+            pools: vec![],
+        };
         let engine = daemon::start(
-            &EngineConfig {
-                nvmf_listen: cfg.nvmf_listen,
-                reactors: cfg.reactors,
-                max_io_queues: 8,
-                host_nqn: EngineConfig::default_host_nqn(),
-                pools: vec![],
-            },
-            daemon::remote_opener(),
+            &engine_cfg,
+            daemon::remote_opener(engine_cfg.host_nqn.clone()),
         )
         .context("starting the engine")?;
         let size = if pool_path.exists() { 0 } else { cfg.pool_size };

@@ -1,11 +1,12 @@
 //! Starting an engine: reactors, target, pools. Shared by the
 //! `cairn-engine` binary and the single-node `cairn` system.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::core::{Engine, EngineError, RemoteOpener};
+use crate::initiator::{InitiatorOptions, NvmfDevice};
 use crate::target::{Target, TargetConfig};
 
 /// What an engine serves and where.
@@ -51,11 +52,18 @@ pub fn start(cfg: &EngineConfig, remote: Box<RemoteOpener>) -> Result<Arc<Engine
     Ok(engine)
 }
 
-/// Opens remote children through the NVMe/TCP initiator.
-pub fn remote_opener() -> Box<RemoteOpener> {
-    Box::new(|addr: &str, nqn: &str, _queues: u32| {
-        Err(format!(
-            "cannot connect to {nqn} at {addr}: remote children are not available"
-        ))
+/// Opens remote children through Cairn's NVMe/TCP initiator, connecting as
+/// `host_nqn`.
+pub fn remote_opener(host_nqn: String) -> Box<RemoteOpener> {
+    Box::new(move |addr: &str, nqn: &str, queues: u32| {
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("address {addr} resolves to nothing"))?;
+        let mut opts = InitiatorOptions::new(sa, nqn, &host_nqn);
+        opts.io_queues = u16::try_from(queues.max(1)).unwrap_or(u16::MAX);
+        let dev = NvmfDevice::connect(opts).map_err(|e| e.to_string())?;
+        Ok(Arc::new(dev) as Arc<dyn cairn_bdev::BlockDevice>)
     })
 }

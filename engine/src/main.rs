@@ -54,7 +54,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         host_nqn: args.host_nqn.unwrap_or_else(EngineConfig::default_host_nqn),
         pools: args.pools,
     };
-    let engine = daemon::start(&cfg, daemon::remote_opener()).context("starting the engine")?;
+    let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone()))
+        .context("starting the engine")?;
     // The control runtime: small, and never on the I/O path.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
