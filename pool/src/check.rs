@@ -198,10 +198,12 @@ impl CheckReport {
 }
 
 /// Walks the metadata of the pool on `path` without changing it and reports
-/// damaged blocks, leaked and doubly-owned clusters. Fails only when no
-/// superblock copy is readable.
+/// damaged blocks, leaked and doubly-owned clusters. Fails when no
+/// superblock copy is readable, or with `Busy` when the pool is imported
+/// (checking a live pool would race with its writes).
 pub fn check(path: &Path) -> Result<CheckReport> {
     let md = MdFile::open(path, false)?;
+    md.lock(false, crate::pool::LOCK_WAIT)?;
     let l = load(&md)?;
     let r = resolve(&l);
     let mut damaged = l.sb_damage.clone();

@@ -41,6 +41,16 @@
 //! location) rather than serve wrong data; [`check`] reports all damage,
 //! leaked and doubly-owned clusters without changing anything.
 //!
+//! # Ownership of the device
+//!
+//! An imported pool holds an exclusive `flock` on the device's open file
+//! description, which every reactor channel shares (`dup`). io_uring keeps
+//! that description alive for each request in flight, so after an engine is
+//! killed the lock is released only once its last write has landed: a new
+//! import waits (up to 2 s) instead of reading metadata that is still being
+//! written, and a second import of a live pool fails with `Busy`.
+//! [`check`] takes the lock shared.
+//!
 //! # Concurrency
 //!
 //! Reactors open one [`cairn_bdev::IoChannel`] per thread on a [`Replica`].
@@ -52,6 +62,7 @@
 //! that may block (for tokio: `spawn_blocking`).
 
 pub mod check;
+mod devchan;
 pub mod error;
 pub mod format;
 mod mdio;

@@ -50,6 +50,50 @@ impl MdFile {
         })
     }
 
+    /// Takes the pool lock: exclusive for an import, shared for a check.
+    /// Waits up to `wait` for a holder to go away (an engine that was
+    /// killed holds it until its last in-flight I/O has finished).
+    pub(crate) fn lock(&self, exclusive: bool, wait: std::time::Duration) -> Result<()> {
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock takes plain integers; the descriptor is open.
+            if unsafe { libc::flock(self.file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(self.err("flock", e));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(PoolError::Busy {
+                    what: format!("device {:?}", self.path),
+                    reason: "the pool is open in another pool instance or process".into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Releases the pool lock (after a clean export or destroy).
+    pub(crate) fn unlock(&self) {
+        // SAFETY: flock takes plain integers; the descriptor is open.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// A `dup` sharing this handle's open file description (and its lock).
+    pub(crate) fn dup(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    pub(crate) fn is_block(&self) -> bool {
+        self.is_block
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -23,6 +23,10 @@ use crate::mdio::MdFile;
 use crate::replica::Replica;
 use crate::shared::Shared;
 
+/// How long an import waits for a previous holder of the pool (typically a
+/// killed engine whose last I/O is still in flight) to let go.
+pub(crate) const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Default cluster size: 1 MiB.
 pub const DEFAULT_CLUSTER_SIZE: u32 = 1 << 20;
 
@@ -103,6 +107,7 @@ impl Pool {
             });
         }
         let md = MdFile::open(path, true)?;
+        md.lock(true, LOCK_WAIT)?;
         match crate::check::read_superblock(&md) {
             Ok((sb, _)) => {
                 if sb.name == opts.name
@@ -158,6 +163,7 @@ impl Pool {
     /// allocation state by walking the cluster entries.
     pub fn import(path: &Path) -> Result<Arc<Pool>> {
         let md = MdFile::open(path, true)?;
+        md.lock(true, LOCK_WAIT)?;
         let l = load(&md)?;
         if let Some(d) = l.damage.first() {
             return Err(PoolError::Corrupt {
@@ -580,7 +586,7 @@ impl Pool {
         sb.device_size = size;
         sb.num_clusters = new_n;
         write_superblock(&self.shared.md, &sb)?;
-        self.shared.reopen_device(new_groups)?;
+        self.shared.add_groups(new_groups);
         let mut a = self.shared.lock_alloc();
         let old_n = a.sb.num_clusters;
         a.entries.resize(new_n as usize, Entry::FREE);
@@ -616,6 +622,7 @@ impl Pool {
         let mut ctl = self.close("export")?;
         self.shared.closed.store(true, SeqCst);
         ctl.replicas.clear();
+        self.shared.md.unlock();
         tracing::info!(pool = %self.shared.name, "pool exported");
         Ok(())
     }
@@ -629,6 +636,7 @@ impl Pool {
         self.shared.md.sync()?;
         self.shared.closed.store(true, SeqCst);
         ctl.replicas.clear();
+        self.shared.md.unlock();
         tracing::info!(pool = %self.shared.name, "pool destroyed");
         Ok(())
     }

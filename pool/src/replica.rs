@@ -337,8 +337,7 @@ impl BlockDevice for Replica {
                 return Err(e);
             }
         };
-        let gen = self.shared.dev_gen.load(SeqCst);
-        let base = match self.shared.device().open_channel() {
+        let base = match self.shared.open_device_channel() {
             Ok(b) => b,
             Err(e) => {
                 self.lock_chans().open.retain(|c| !Arc::ptr_eq(c, &st));
@@ -350,7 +349,7 @@ impl BlockDevice for Replica {
         Ok(Box::new(ReplicaChannel {
             r: me,
             st,
-            base: RefCell::new((gen, Rc::new(base))),
+            base: Rc::new(base),
             map: RefCell::new((map_gen, map)),
         }))
     }
@@ -360,7 +359,7 @@ impl BlockDevice for Replica {
 struct ReplicaChannel {
     r: Arc<Replica>,
     st: Arc<ChanState>,
-    base: RefCell<(u64, Rc<Box<dyn IoChannel>>)>,
+    base: Rc<Box<dyn IoChannel>>,
     map: RefCell<(u64, Arc<Vec<AtomicU64>>)>,
 }
 
@@ -402,13 +401,7 @@ impl ReplicaChannel {
     }
 
     fn base(&self) -> Result<Rc<Box<dyn IoChannel>>, BdevError> {
-        let gen = self.r.shared.dev_gen.load(SeqCst);
-        let mut b = self.base.borrow_mut();
-        if b.0 != gen {
-            let ch = self.r.shared.device().open_channel()?;
-            *b = (gen, Rc::new(ch));
-        }
-        Ok(b.1.clone())
+        Ok(self.base.clone())
     }
 
     /// The map value of logical cluster `l`.

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use cairn_bdev::file::{FileDevice, FileOptions};
 use cairn_bdev::{BdevError, IoBuf, IoChannel};
 use uuid::Uuid;
 
+use crate::devchan::DevChannel;
 use crate::error::Result;
 use crate::format::{encode_group, group_offset, Entry, Superblock, BLOCK_SIZE, GROUP_CLUSTERS};
 use crate::mdio::MdFile;
@@ -29,9 +29,6 @@ pub(crate) struct Alloc {
 pub(crate) struct Shared {
     pub path: PathBuf,
     pub md: MdFile,
-    dev: Mutex<Arc<FileDevice>>,
-    /// Bumped when the device is reopened (after a grow), so channels reopen.
-    pub dev_gen: AtomicU64,
     pub uuid: Uuid,
     pub name: String,
     pub cluster_size: u32,
@@ -55,7 +52,6 @@ impl Shared {
         sb: Superblock,
         entries: Vec<Entry>,
     ) -> Result<Self> {
-        let dev = open_dev(&path)?;
         let free: Vec<u64> = (0..entries.len() as u64)
             .rev()
             .filter(|&p| entries[p as usize].is_free())
@@ -64,8 +60,6 @@ impl Shared {
         Ok(Shared {
             path,
             md,
-            dev: Mutex::new(Arc::new(dev)),
-            dev_gen: AtomicU64::new(0),
             uuid: sb.uuid,
             name: sb.name.clone(),
             cluster_size: sb.cluster_size,
@@ -83,20 +77,18 @@ impl Shared {
         self.alloc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn device(&self) -> Arc<FileDevice> {
-        self.dev.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Opens a channel to the device for the calling reactor.
+    pub(crate) fn open_device_channel(&self) -> std::result::Result<Box<dyn IoChannel>, BdevError> {
+        let f = self.md.dup().map_err(|e| BdevError::io("dup", e))?;
+        Ok(Box::new(DevChannel::new(f, self.md.is_block())?))
     }
 
-    /// Reopens the device after it grew.
-    pub(crate) fn reopen_device(&self, groups: u64) -> Result<()> {
-        let dev = open_dev(&self.path)?;
-        *self.dev.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(dev);
+    /// Makes room for the group locks of a grown pool.
+    pub(crate) fn add_groups(&self, groups: u64) {
         let mut locks = self.group_locks.lock().unwrap_or_else(|e| e.into_inner());
         while (locks.len() as u64) < groups {
             locks.push(Arc::default());
         }
-        self.dev_gen.fetch_add(1, Ordering::SeqCst);
-        Ok(())
     }
 
     /// Replica-block address of physical cluster `p`.
@@ -157,16 +149,6 @@ impl Shared {
         }
         Ok(())
     }
-}
-
-fn open_dev(path: &std::path::Path) -> Result<FileDevice> {
-    Ok(FileDevice::open(
-        path,
-        FileOptions {
-            block_size: BLOCK_SIZE,
-            direct: true,
-        },
-    )?)
 }
 
 /// Releases a lock flag when dropped (also when a future is cancelled) and

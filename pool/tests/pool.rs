@@ -114,7 +114,9 @@ fn destroy_returns_space_and_a_reused_cluster_reads_zeros() {
         }
     });
     assert_eq!(new.allocated_bytes(), 8 * u64::from(CS));
-    drop(new);
+    // A live pool cannot be checked or imported a second time.
+    assert!(matches!(check(tp.path()), Err(PoolError::Busy { .. })));
+    pool.export().unwrap();
     let r = check(tp.path()).unwrap();
     assert!(r.is_clean() && r.orphaned.is_empty(), "{r:?}");
 }
@@ -225,16 +227,24 @@ fn replica_create_is_idempotent_and_conflicts_are_typed() {
         Err(PoolError::InvalidArgument { .. })
     ));
     assert_eq!(pool.replicas().len(), 1);
+    // While imported, the device is locked.
+    assert!(matches!(
+        Pool::import(tp.path()),
+        Err(PoolError::Busy { .. })
+    ));
     // Creating the same pool again imports it; another pool is refused.
-    let again = Pool::create(
+    pool.export().unwrap();
+    let pool = Pool::create(
         tp.path(),
         PoolCreate {
             name: "p0".into(),
             uuid: pool.uuid(),
             cluster_size: CS,
         },
-    );
-    assert!(again.is_ok());
+    )
+    .unwrap();
+    let a = pool.replica(a.uuid()).unwrap();
+    pool.export().unwrap();
     let other = Pool::create(
         tp.path(),
         PoolCreate {
@@ -244,6 +254,8 @@ fn replica_create_is_idempotent_and_conflicts_are_typed() {
         },
     );
     assert!(matches!(other, Err(PoolError::AlreadyExists { .. })));
+    let pool = tp.import();
+    let a = pool.replica(a.uuid()).unwrap();
     // Pool destroy is refused while a replica is open.
     on_reactor(async {
         let _ch = channel(&a);
