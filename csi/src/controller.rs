@@ -41,6 +41,25 @@ impl ControllerService {
     fn agent(&self) -> apb::control_client::ControlClient<Channel> {
         self.agent.clone()
     }
+
+    /// One page of volumes, in the agent's stable order; a bad token is
+    /// ABORTED (from the agent), a negative size INVALID_ARGUMENT.
+    async fn page(
+        &self,
+        max_entries: i32,
+        token: String,
+    ) -> Result<apb::ListVolumesResponse, Status> {
+        let max_entries =
+            u32::try_from(max_entries).map_err(|_| invalid("max_entries must not be negative"))?;
+        Ok(self
+            .agent()
+            .list_volumes(apb::ListVolumesRequest {
+                max_entries,
+                starting_token: token,
+            })
+            .await?
+            .into_inner())
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -383,17 +402,7 @@ impl csi::controller_server::Controller for ControllerService {
         req: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        if r.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        let page = self
-            .agent()
-            .list_volumes(apb::ListVolumesRequest {
-                max_entries: r.max_entries as u32,
-                starting_token: r.starting_token,
-            })
-            .await?
-            .into_inner();
+        let page = self.page(r.max_entries, r.starting_token).await?;
         Ok(Response::new(csi::ListVolumesResponse {
             entries: page
                 .volumes
@@ -412,17 +421,7 @@ impl csi::controller_server::Controller for ControllerService {
         req: Request<csi::ControllerListVolumeHealthRequest>,
     ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
         let r = req.into_inner();
-        if r.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        let page = self
-            .agent()
-            .list_volumes(apb::ListVolumesRequest {
-                max_entries: r.max_entries as u32,
-                starting_token: r.starting_token,
-            })
-            .await?
-            .into_inner();
+        let page = self.page(r.max_entries, r.starting_token).await?;
         Ok(Response::new(csi::ControllerListVolumeHealthResponse {
             entries: page
                 .volumes
