@@ -5,6 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
 use cairn_csi::{
+    controller::ControllerService,
     identity::{AlwaysReady, EndpointReadiness, IdentityService, Readiness},
     node::{host::Host, preflight, NodeConfig, NodeService},
 };
@@ -68,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let node_mode = matches!(args.mode, Mode::Node | Mode::All);
@@ -110,7 +113,14 @@ async fn main() -> anyhow::Result<()> {
         router = router.add_service(svc.server());
     }
     if matches!(args.mode, Mode::Controller | Mode::All) {
-        tracing::warn!("the Controller service is not wired into this binary yet");
+        // Lazy: the agent may come up after the controller; Probe reports
+        // readiness meanwhile and calls fail with UNAVAILABLE.
+        let agent = tonic::transport::Endpoint::from_shared(args.agent.clone())
+            .with_context(|| format!("bad agent endpoint {:?}", args.agent))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = cairn_proto::agent::v1::control_client::ControlClient::new(agent);
+        router = router.add_service(ControllerService::new(client).server());
     }
 
     let path = socket_path(&args.endpoint)?;
