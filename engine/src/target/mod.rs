@@ -12,6 +12,23 @@
 //!                                                  └─ writer: batched writev
 //! ```
 //!
+//! What the Linux host (6.1) gets, in the order it asks:
+//! ICResp with PFV 0, CPDA 0, the digests it asked for and MAXH2CDATA
+//! (128 KiB by default); Connect returns the controller id (CNTLID is
+//! dynamic); CAP (MQES = queue depth - 1, CSS = NVM only, so the host uses
+//! CC.CSS = NVM and never needs command-set profiles), VS 1.3, CC/CSTS with
+//! enable and shutdown; Identify controller with SGL support, IOCCSZ for
+//! 8 KiB in-capsule data, MDTS 1 MiB, KAS, CMIC multi-controller, OAES
+//! namespace notices; Identify CNS 0/2/3 (NGUID, UUID and CSI descriptors),
+//! 5/6/8 for CSI 0 (zeroed NVM structures: no limits), Invalid Field for
+//! other command sets; Set Features number of queues (granted up to
+//! `max_io_queues`), async event configuration, keep-alive timer; Get Log
+//! Page error, SMART (read by the host's hwmon), firmware slot, changed
+//! namespaces and, on the discovery controller, the discovery log (one
+//! entry per subsystem the host may connect to, plus the discovery
+//! subsystem itself, with the address the host reached us on). Async event
+//! requests are held, up to four.
+//!
 //! Control calls ([`Target::add_subsystem`] and friends) may come from any
 //! thread. Removing a subsystem or a keep-alive timeout disconnects queues
 //! from outside their reactor by shutting the socket down, which completes the
