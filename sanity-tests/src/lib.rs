@@ -5,6 +5,7 @@
 //! exercise Cairn targets running on the host. See `vm/README.md` for the
 //! scripts underneath.
 
+pub mod csi;
 pub mod vm;
 
 pub use vm::{Vm, VmError, VmOutput, GUEST_ADDR, HOST_ADDR_FROM_GUEST};
