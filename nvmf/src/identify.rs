@@ -32,6 +32,7 @@ pub mod lid {
 
 /// Feature identifiers.
 pub mod fid {
+    pub const TEMP_THRESHOLD: u8 = 0x04;
     pub const VOLATILE_WC: u8 = 0x06;
     pub const NUM_QUEUES: u8 = 0x07;
     pub const ASYNC_EVENT: u8 = 0x0B;

@@ -332,6 +332,8 @@ impl Controller {
                     Reply::ok(n | (n << 16))
                 }
                 fid::KEEP_ALIVE => Reply::ok(u64::from(self.kato_ms.load(Ordering::Acquire))),
+                // The host's hwmon reads the over-temperature threshold.
+                fid::TEMP_THRESHOLD if self.subsys.is_some() => Reply::ok(343),
                 fid::ASYNC_EVENT => Reply::ok(u64::from(self.aec.load(Ordering::Acquire))),
                 fid::VOLATILE_WC if vwc_present => {
                     Reply::ok(u64::from(self.wce.load(Ordering::Acquire)))
@@ -363,6 +365,8 @@ impl Controller {
                         self.kato_ms.store(cdw11, Ordering::Release);
                         Reply::ok(0)
                     }
+                    // Cairn has no sensor to alarm on; accepted and ignored.
+                    fid::TEMP_THRESHOLD if self.subsys.is_some() => Reply::ok(0),
                     fid::ASYNC_EVENT => {
                         self.aec.store(cdw11, Ordering::Release);
                         Reply::ok(0)
