@@ -82,6 +82,38 @@ fn parse_stat_cpu(stat: &str, ticks_per_sec: u64) -> Option<Duration> {
     )
 }
 
+/// The calling thread's id (as in `/proc/self/task/TID`).
+pub fn current_tid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as u32
+}
+
+/// User plus system CPU time of thread `tid` of this process so far. Read
+/// from `/proc/self/task/TID/schedstat` (nanoseconds) where the kernel has
+/// it, else from `.../stat` (clock ticks).
+pub fn tid_cpu(tid: u32) -> io::Result<Duration> {
+    let dir = format!("/proc/self/task/{tid}");
+    if let Ok(s) = std::fs::read_to_string(format!("{dir}/schedstat")) {
+        if let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            return Ok(Duration::from_nanos(ns));
+        }
+    }
+    let stat = std::fs::read_to_string(format!("{dir}/stat"))?;
+    parse_stat_cpu(&stat, clock_ticks()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected format of {dir}/stat"),
+        )
+    })
+}
+
+/// The summed CPU time of threads `tids` of this process ([`tid_cpu`]).
+pub fn threads_cpu(tids: &[u32]) -> io::Result<Duration> {
+    tids.iter()
+        .try_fold(Duration::ZERO, |acc, &t| Ok(acc + tid_cpu(t)?))
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
@@ -137,5 +169,9 @@ mod tests {
         // /proc counts in clock ticks (usually 10 ms); 60 ms of CPU shows.
         assert!(pid_cpu(pid).unwrap() >= Duration::from_millis(20));
         assert!(pid_cpu(u32::MAX).is_err());
+        let mine = tid_cpu(current_tid()).unwrap();
+        assert!(mine >= Duration::from_millis(50), "{mine:?}");
+        assert!(threads_cpu(&[current_tid(), current_tid()]).unwrap() >= mine * 2);
+        assert!(tid_cpu(u32::MAX).is_err());
     }
 }

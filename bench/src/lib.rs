@@ -20,7 +20,8 @@
 //! threads on io_uring reactors), [`result`] and [`report`] (what was
 //! measured, as Markdown or JSON), [`model`] (a device wrapper that behaves
 //! like an SSD), [`verify`] (block tags), [`cpu`] (CPU accounting and
-//! pinning), [`timer`] (precise sleeps on a reactor).
+//! pinning), [`timer`] (precise sleeps on a reactor), [`suite`] (the headline
+//! benchmark: Cairn's engine started in-process against its baselines).
 //!
 //! [`BlockDevice`]: cairn_bdev::BlockDevice
 
@@ -31,6 +32,7 @@ pub mod result;
 pub mod rng;
 pub mod runner;
 pub mod spec;
+pub mod suite;
 pub mod timer;
 pub mod verify;
 

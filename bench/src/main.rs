@@ -10,18 +10,27 @@ use anyhow::{bail, Context};
 use cairn_bdev::file::{FileDevice, FileOptions};
 use cairn_bdev::ram::RamDevice;
 use cairn_bdev::BlockDevice;
-use cairn_bench::spec::{format_size, parse_count};
+use cairn_bench::spec::{format_size, parse_count, parse_cpu_list, parse_duration};
+use cairn_bench::suite::{run_suite, Setup, SuiteOptions};
 use cairn_bench::{
     markdown_table, parse_size, report, run, JobSpec, ModelDevice, ModelParams, Pattern, Progress,
     RunOptions,
 };
+use cairn_engine::initiator::{InitiatorOptions, NvmfDevice};
 
 const USAGE: &str = "\
-usage: cairn-bench (--filename PATH | --ram SIZE) [options]
+usage: cairn-bench (--filename PATH | --ram SIZE | --nvmf HOST:PORT --nqn NQN) [options]
+       cairn-bench suite [--quick] [--out DIR] [suite options]   (see: cairn-bench suite --help)
 
 target:
   --filename PATH     file or block device (a missing file is created with --size)
   --ram SIZE          a RAM disk of SIZE instead (e.g. 1g)
+  --nvmf HOST:PORT    a remote NVMe-oF/TCP namespace, through Cairn's initiator
+  --nqn NQN           its subsystem NQN (with --nvmf)
+  --hostnqn NQN       host NQN to connect as (with --nvmf)
+  --nsid N            namespace id (with --nvmf; default 1)
+  --queues N          I/O queues to ask for (with --nvmf; default: numjobs)
+  --hdr-digest, --data-digest   NVMe/TCP digests (with --nvmf)
   --lba SIZE          logical block size of the target: 512 (default) or 4k
   --buffered          do not use O_DIRECT
   --model PARAMS      put the SSD model in front: e.g. nvme, or
@@ -73,6 +82,13 @@ fn install_sigint() {
 struct Args {
     filename: Option<PathBuf>,
     ram: Option<u64>,
+    nvmf: Option<String>,
+    nqn: Option<String>,
+    hostnqn: Option<String>,
+    nsid: Option<u32>,
+    queues: Option<u16>,
+    hdr_digest: bool,
+    data_digest: bool,
     lba: Option<u64>,
     buffered: bool,
     model: Option<ModelParams>,
@@ -101,6 +117,8 @@ fn parse_args(raw: Vec<String>) -> anyhow::Result<Option<Args>> {
             "help" | "h" => return Ok(None),
             "json" => a.json = true,
             "buffered" => a.buffered = true,
+            "hdr-digest" => a.hdr_digest = true,
+            "data-digest" => a.data_digest = true,
             "progress" => a.progress = Progress::Always,
             "no-progress" => a.progress = Progress::Never,
             _ if JobSpec::is_flag(&key) => {
@@ -131,6 +149,11 @@ fn parse_args(raw: Vec<String>) -> anyhow::Result<Option<Args>> {
                 match key.as_str() {
                     "filename" => a.filename = Some(PathBuf::from(value)),
                     "ram" => a.ram = Some(parse_size(&value)?),
+                    "nvmf" => a.nvmf = Some(value),
+                    "nqn" => a.nqn = Some(value),
+                    "hostnqn" => a.hostnqn = Some(value),
+                    "nsid" => a.nsid = Some(u32::try_from(parse_count(&key, &value)?)?),
+                    "queues" => a.queues = Some(u16::try_from(parse_count(&key, &value)?)?),
                     "lba" => a.lba = Some(parse_size(&value)?),
                     "model" => a.model = Some(value.parse()?),
                     "json-out" => a.json_out = Some(PathBuf::from(value)),
@@ -159,6 +182,15 @@ fn open_target(a: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
         Some(4096) => 4096,
         Some(n) => bail!("--lba must be 512 or 4k, not {n}"),
     };
+    if let Some(hostport) = &a.nvmf {
+        if a.filename.is_some() || a.ram.is_some() {
+            bail!("give one of --filename, --ram and --nvmf");
+        }
+        return open_nvmf(a, hostport);
+    }
+    if a.nqn.is_some() {
+        bail!("--nqn goes with --nvmf");
+    }
     let (dev, what): (Arc<dyn BlockDevice>, String) = match (&a.filename, a.ram) {
         (Some(_), Some(_)) => bail!("give --filename or --ram, not both"),
         (None, None) => bail!("no target: give --filename PATH or --ram SIZE\n\n{USAGE}"),
@@ -205,6 +237,53 @@ fn open_target(a: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
     }
 }
 
+/// Connects to a remote namespace through the engine's initiator.
+fn open_nvmf(a: &Args, hostport: &str) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
+    use std::net::ToSocketAddrs;
+    let nqn = a.nqn.as_deref().context("--nvmf needs --nqn")?;
+    let addr = hostport
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {hostport:?} (HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{hostport:?} resolves to no address"))?;
+    let hostnqn = a.hostnqn.clone().unwrap_or_else(|| {
+        format!(
+            "nqn.2014-08.org.nvmexpress:uuid:{}",
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"cairn-bench")
+        )
+    });
+    let mut o = InitiatorOptions::new(addr, nqn, &hostnqn);
+    o.nsid = a.nsid.unwrap_or(1);
+    o.io_queues = a
+        .queues
+        .unwrap_or_else(|| u16::try_from(a.spec.jobs).unwrap_or(u16::MAX))
+        .max(1);
+    o.queue_depth = o
+        .queue_depth
+        .max(u16::try_from(a.spec.queue_depth + 1).unwrap_or(u16::MAX));
+    o.header_digest = a.hdr_digest;
+    o.data_digest = a.data_digest;
+    let dev = NvmfDevice::connect(o).with_context(|| format!("connecting to {nqn} at {addr}"))?;
+    let info = dev.info();
+    let what = format!(
+        "{nqn} at {addr} (nsid {}, {}, {}-byte blocks, {} I/O queues{}{})",
+        a.nsid.unwrap_or(1),
+        format_size(info.size_bytes()),
+        info.block_size,
+        dev.granted_queues(),
+        if a.hdr_digest { ", header digest" } else { "" },
+        if a.data_digest { ", data digest" } else { "" },
+    );
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    match &a.model {
+        Some(p) => Ok((
+            Arc::new(ModelDevice::new(dev, p.clone())),
+            format!("{what} behind the SSD model [{p}]"),
+        )),
+        None => Ok((dev, what)),
+    }
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
@@ -216,7 +295,11 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
-    let Some(args) = parse_args(std::env::args().skip(1).collect())? else {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some("suite") {
+        return suite_main(raw[1..].to_vec());
+    }
+    let Some(args) = parse_args(raw)? else {
         print!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     };
@@ -229,6 +312,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         progress: args.progress,
         watch_pid: args.watch_pid,
         stop: Some(stop.clone()),
+        ..RunOptions::default()
     };
     // Forward Ctrl-C to the run's stop flag.
     let watcher_stop = stop.clone();
@@ -288,6 +372,107 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         clean &= r.is_clean();
     }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+const SUITE_USAGE: &str = "\
+usage: cairn-bench suite [--quick] [--out DIR] [options]
+
+Starts Cairn's NVMe-oF targets, pools, replicas and nexuses in this process
+(nodes on 127.0.0.1, .2, .3) and runs 4 KiB randread, randwrite, randrw at
+QD64 and randread at QD1 against each setup and the raw backing devices;
+writes suite.md, suite.json and suite.png into DIR.
+
+  --quick             tiny runs, one round: checks the suite works (CI)
+  --out DIR           output folder (default results/suite-UNIXTIME)
+  --rounds N          rounds, alternating the setups (full: 3)
+  --runtime TIME      measured time per run (full: 4s, quick: 300ms)
+  --ramp TIME         warm-up per run (full: 1s, quick: 50ms)
+  --numjobs N         load generator threads of the QD64 jobs (default 1)
+  --iodepth N         queue depth of the QD64 jobs (default 64)
+  --size SIZE         bytes per device and replica (full: 1g, quick: 32m)
+  --model PARAMS      the SSD model (default nvme,iops=20k; see cairn-bench --help)
+  --setups LIST       comma-separated, from: ram shm-file disk-odirect model replica
+                      replica-model nexus-1 nexus-2 nexus-3 nexus-1-model
+                      nexus-2-model nexus-3-model
+  --engine-cpus LIST  CPUs of every engine reactor (default 0 on 2+ CPUs)
+  --bench-cpus LIST   CPUs of the load generator (default 1 on 2+ CPUs)
+  --disk-dir DIR      where the O_DIRECT disk file goes (default /var/tmp)
+  --shm-dir DIR       where the tmpfs file and pools go (default /dev/shm)
+  --idle TIME         how long to measure the idle engine (full: 5s)
+  --progress / --no-progress
+";
+
+fn suite_main(raw: Vec<String>) -> anyhow::Result<ExitCode> {
+    let quick = raw.iter().any(|a| a == "--quick");
+    let mut o = SuiteOptions::new(quick);
+    let mut i = 0;
+    while i < raw.len() {
+        let arg = raw[i].clone();
+        i += 1;
+        let (key, inline) = match arg.strip_prefix("--").map(|k| k.split_once('=')) {
+            Some(Some((k, v))) => (k.to_owned(), Some(v.to_owned())),
+            Some(None) => (arg[2..].to_owned(), None),
+            None => bail!("unexpected argument {arg:?}\n\n{SUITE_USAGE}"),
+        };
+        match key.as_str() {
+            "help" | "h" => {
+                print!("{SUITE_USAGE}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            "quick" => {}
+            "progress" => o.progress = Progress::Always,
+            "no-progress" => o.progress = Progress::Never,
+            _ => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => {
+                        let v = raw
+                            .get(i)
+                            .with_context(|| format!("--{key} needs a value"))?
+                            .clone();
+                        i += 1;
+                        v
+                    }
+                };
+                match key.as_str() {
+                    "out" => o.out = PathBuf::from(value),
+                    "rounds" => o.rounds = u32::try_from(parse_count(&key, &value)?)?.max(1),
+                    "runtime" => o.runtime = parse_duration(&value)?,
+                    "ramp" | "ramp_time" => o.ramp = parse_duration(&value)?,
+                    "numjobs" => o.numjobs = u32::try_from(parse_count(&key, &value)?)?.max(1),
+                    "iodepth" => o.iodepth = u32::try_from(parse_count(&key, &value)?)?.max(1),
+                    "size" => o.size = parse_size(&value)?,
+                    "model" => o.model = value.parse()?,
+                    "setups" => {
+                        o.setups = value
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::parse::<Setup>)
+                            .collect::<anyhow::Result<_>>()?
+                    }
+                    "engine-cpus" => o.engine_cpus = parse_cpu_list(&value)?,
+                    "bench-cpus" => o.bench_cpus = parse_cpu_list(&value)?,
+                    "disk-dir" => o.disk_dir = PathBuf::from(value),
+                    "shm-dir" => o.shm_dir = PathBuf::from(value),
+                    "idle" => o.idle = parse_duration(&value)?,
+                    k => bail!("unknown suite option --{k}\n\n{SUITE_USAGE}"),
+                }
+            }
+        }
+    }
+    if o.runtime.is_zero() {
+        bail!("--runtime must be more than zero");
+    }
+    if o.size < (1 << 20) {
+        bail!("--size must be at least 1m");
+    }
+    let report = run_suite(&o)?;
+    let clean = report.rows.iter().all(|r| r.median.errors == 0);
     Ok(if clean {
         ExitCode::SUCCESS
     } else {

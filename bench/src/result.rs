@@ -76,6 +76,9 @@ pub struct CpuStats {
     pub process_secs: f64,
     /// The watched process (e.g. the engine), if one was given and readable.
     pub watched_pid: Option<u32>,
+    /// Or the watched threads of this process (thread ids), summed.
+    #[serde(default)]
+    pub watched_threads: Vec<u32>,
     pub watched_secs: Option<f64>,
     /// Per measured I/O, in microseconds.
     pub job_threads_us_per_io: f64,

@@ -94,6 +94,10 @@ pub struct RunOptions {
     pub progress: Progress,
     /// Also account the CPU time of this process (e.g. the engine).
     pub watch_pid: Option<u32>,
+    /// Also account the CPU time of these threads of this process (e.g. the
+    /// reactors of an engine running in-process), summed; ignored when
+    /// `watch_pid` is set.
+    pub watch_threads: Vec<u32>,
     /// Set to stop the run early (e.g. on Ctrl-C); results cover what ran.
     pub stop: Option<Arc<AtomicBool>>,
 }
@@ -176,7 +180,7 @@ pub fn run(
     loop {
         let now = Instant::now();
         if cpu_start.is_none() && now >= measure_from {
-            cpu_start = Some(sample_cpu(opts.watch_pid));
+            cpu_start = Some(sample_cpu(opts));
         }
         if handles.iter().all(|h| h.is_finished()) {
             break;
@@ -195,7 +199,7 @@ pub fn run(
         }
         std::thread::sleep(nap);
     }
-    let cpu_end = sample_cpu(opts.watch_pid);
+    let cpu_end = sample_cpu(opts);
     let cpu_start = cpu_start.unwrap_or(cpu_end);
     if drawn {
         eprintln!();
@@ -217,7 +221,7 @@ pub fn run(
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(merge(spec, outcomes, cpu_start, cpu_end, opts.watch_pid))
+    Ok(merge(spec, outcomes, cpu_start, cpu_end, opts))
 }
 
 fn draw_progress(name: &str, elapsed: Duration, total: Duration, iops: f64, count: u64) {
@@ -233,11 +237,13 @@ fn draw_progress(name: &str, elapsed: Duration, total: Duration, iops: f64, coun
     let _ = err.flush();
 }
 
-fn sample_cpu(pid: Option<u32>) -> (Option<Duration>, Option<Duration>) {
-    (
-        cpu::process_cpu().ok(),
-        pid.and_then(|p| cpu::pid_cpu(p).ok()),
-    )
+fn sample_cpu(opts: &RunOptions) -> (Option<Duration>, Option<Duration>) {
+    let watched = match (opts.watch_pid, opts.watch_threads.as_slice()) {
+        (Some(p), _) => cpu::pid_cpu(p).ok(),
+        (None, []) => None,
+        (None, tids) => cpu::threads_cpu(tids).ok(),
+    };
+    (cpu::process_cpu().ok(), watched)
 }
 
 fn run_nonce(seed: u64) -> u64 {
@@ -790,7 +796,7 @@ fn merge(
     outcomes: Vec<JobOutcome>,
     cpu_start: (Option<Duration>, Option<Duration>),
     cpu_end: (Option<Duration>, Option<Duration>),
-    watch_pid: Option<u32>,
+    opts: &RunOptions,
 ) -> BenchResult {
     let mut read = new_histogram();
     let mut write = new_histogram();
@@ -863,7 +869,12 @@ fn merge(
         cpu: CpuStats {
             job_threads_secs: thread_cpu.as_secs_f64(),
             process_secs: process.as_secs_f64(),
-            watched_pid: watch_pid,
+            watched_pid: opts.watch_pid,
+            watched_threads: if opts.watch_pid.is_none() {
+                opts.watch_threads.clone()
+            } else {
+                Vec::new()
+            },
             watched_secs: watched.map(|d| d.as_secs_f64()),
             job_threads_us_per_io: per_io(thread_cpu),
             process_us_per_io: per_io(process),

@@ -396,6 +396,7 @@ fn pinned_jobs_with_progress_and_a_watched_pid() {
         progress: Progress::Always,
         watch_pid: Some(std::process::id()),
         stop: None,
+        ..RunOptions::default()
     };
     let r = run(dev, &s, &opts).unwrap();
     assert!(r.total.ios > 0);
@@ -422,6 +423,7 @@ fn a_stop_flag_ends_the_run_early() {
             progress: Progress::Never,
             watch_pid: None,
             stop: Some(stop),
+            ..RunOptions::default()
         },
     )
     .unwrap();

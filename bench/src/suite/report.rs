@@ -1,0 +1,478 @@
+//! What a suite measured: medians per setup and job, the idle engine, and
+//! the ratios and targets the suite exists to check, as Markdown and JSON.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{Job, Setup, SuiteOptions};
+use crate::report::median_runs;
+use crate::result::BenchResult;
+
+/// CPU of the running engine with nothing to do.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleCpu {
+    /// Length of the measurement.
+    pub secs: f64,
+    /// Reactor threads measured (every node's).
+    pub reactor_threads: usize,
+    /// Their summed CPU, in percent of one core.
+    pub reactor_pct_of_core: f64,
+    /// The whole process (reactors, acceptors, keep-alive threads, the
+    /// suite's own sleeping threads), less the thread holding the idle
+    /// queues, in percent of one core.
+    pub process_pct_of_core: f64,
+}
+
+/// The median run of one job against one setup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub setup: String,
+    pub job: String,
+    /// The run with the median IOPS.
+    pub median: BenchResult,
+    /// IOPS of every run, in order.
+    pub runs_iops: Vec<f64>,
+}
+
+impl Row {
+    /// Cores the engine's reactors kept busy (engine CPU per I/O x IOPS).
+    pub fn engine_cores(&self) -> Option<f64> {
+        self.median
+            .cpu
+            .watched_us_per_io
+            .map(|us| us * self.median.total.iops / 1e6)
+    }
+}
+
+/// A comparison the suite checks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub what: String,
+    pub value: f64,
+    /// How `value` is shown: "x" for a ratio, or a unit.
+    pub unit: String,
+    /// The goal, as text (e.g. ">= 0.90").
+    pub target: Option<String>,
+    pub pass: Option<bool>,
+}
+
+/// Everything a suite produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct SuiteReport {
+    pub options: SuiteOptions,
+    pub cpus: usize,
+    pub kernel: String,
+    pub setups: Vec<(String, String)>,
+    pub rows: Vec<Row>,
+    pub idle: Option<IdleCpu>,
+    pub ratios: Vec<Ratio>,
+    /// Why the engine is as fast as it is, in numbers.
+    pub explanations: Vec<String>,
+    pub notes: Vec<String>,
+    pub elapsed_secs: f64,
+}
+
+/// Published SPDK NVMe-oF/TCP figures on this class of machine: 4 KiB random
+/// read and random write IOPS at QD64, and QD1 read latency.
+const SPDK_READ_IOPS: f64 = 500_000.0;
+const SPDK_WRITE_IOPS: f64 = 555_000.0;
+const SPDK_QD1_US: f64 = 13.7;
+/// Cairn's own targets.
+const TARGET_READ_IOPS: f64 = 250_000.0;
+const TARGET_QD1_US: f64 = 40.0;
+
+impl SuiteReport {
+    pub(super) fn build(
+        opts: &SuiteOptions,
+        runs: Vec<(Setup, Job, BenchResult)>,
+        idle: Option<IdleCpu>,
+        notes: Vec<String>,
+        elapsed: Duration,
+    ) -> SuiteReport {
+        let mut rows = Vec::new();
+        for &setup in &opts.setups {
+            for job in Job::ALL {
+                let mine: Vec<BenchResult> = runs
+                    .iter()
+                    .filter(|(s, j, _)| *s == setup && *j == job)
+                    .map(|(_, _, r)| r.clone())
+                    .collect();
+                if let Some(m) = median_runs(&mine).into_iter().next() {
+                    rows.push(Row {
+                        setup: setup.to_string(),
+                        job: job.label().to_owned(),
+                        median: m,
+                        runs_iops: mine.iter().map(|r| r.total.iops).collect(),
+                    });
+                }
+            }
+        }
+        let mut r = SuiteReport {
+            options: opts.clone(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            setups: opts
+                .setups
+                .iter()
+                .map(|s| (s.to_string(), s.describe()))
+                .collect(),
+            rows,
+            idle,
+            ratios: Vec::new(),
+            explanations: Vec::new(),
+            notes,
+            elapsed_secs: elapsed.as_secs_f64(),
+        };
+        r.ratios = r.compute_ratios();
+        r.explanations = r.explain();
+        r
+    }
+
+    /// The median row of `setup` and `job`, if it ran.
+    pub fn row(&self, setup: Setup, job: Job) -> Option<&Row> {
+        let (s, j) = (setup.to_string(), job.label());
+        self.rows.iter().find(|r| r.setup == s && r.job == j)
+    }
+
+    fn iops(&self, setup: Setup, job: Job) -> Option<f64> {
+        self.row(setup, job)
+            .map(|r| r.median.total.iops)
+            .filter(|&v| v > 0.0)
+    }
+
+    fn qd1_us(&self, setup: Setup) -> Option<f64> {
+        self.row(setup, Job::Qd1Read)
+            .map(|r| r.median.total.latency.mean_us)
+            .filter(|&v| v > 0.0)
+    }
+
+    fn compute_ratios(&self) -> Vec<Ratio> {
+        let mut out = Vec::new();
+        let ratio = |what: String, v: f64, min: Option<f64>| Ratio {
+            what,
+            value: v,
+            unit: "x".into(),
+            target: min.map(|m| format!(">= {m:.2}x")),
+            pass: min.map(|m| v >= m),
+        };
+        // Nexus overhead: 1-replica nexus against the replica alone.
+        for (job, label) in [
+            (Job::RandRead, "randread IOPS"),
+            (Job::RandWrite, "randwrite IOPS"),
+            (Job::RandRw, "randrw IOPS"),
+        ] {
+            if let (Some(n), Some(r)) = (
+                self.iops(Setup::Nexus(1), job),
+                self.iops(Setup::Replica, job),
+            ) {
+                out.push(ratio(
+                    format!("nexus-1 / replica alone, {label}"),
+                    n / r,
+                    Some(0.90),
+                ));
+            }
+        }
+        if let (Some(n), Some(r)) = (self.qd1_us(Setup::Nexus(1)), self.qd1_us(Setup::Replica)) {
+            out.push(ratio(
+                "replica alone / nexus-1, QD1 latency (speed)".into(),
+                r / n,
+                Some(0.90),
+            ));
+        }
+        // Replica scaling on the SSD model.
+        for n in [2u8, 3] {
+            if let (Some(a), Some(b)) = (
+                self.iops(Setup::NexusModel(n), Job::RandRead),
+                self.iops(Setup::NexusModel(1), Job::RandRead),
+            ) {
+                out.push(ratio(
+                    format!("nexus-{n}-model / nexus-1-model, randread IOPS"),
+                    a / b,
+                    (n == 2).then_some(1.6),
+                ));
+            }
+            if let (Some(a), Some(b)) = (
+                self.iops(Setup::NexusModel(n), Job::RandWrite),
+                self.iops(Setup::NexusModel(1), Job::RandWrite),
+            ) {
+                out.push(ratio(
+                    format!("nexus-{n}-model / nexus-1-model, randwrite IOPS"),
+                    a / b,
+                    Some(0.85),
+                ));
+            }
+        }
+        // Absolute targets, on the fastest engine setups.
+        for setup in [Setup::Replica, Setup::Nexus(1)] {
+            if let Some(v) = self.iops(setup, Job::RandRead) {
+                out.push(Ratio {
+                    what: format!("{setup} randread IOPS at QD64 (Cairn target)"),
+                    value: v,
+                    unit: "IOPS".into(),
+                    target: Some(format!(">= {:.0}K", TARGET_READ_IOPS / 1e3)),
+                    pass: Some(v >= TARGET_READ_IOPS),
+                });
+                out.push(ratio(
+                    format!("{setup} randread IOPS / SPDK's 500K"),
+                    v / SPDK_READ_IOPS,
+                    None,
+                ));
+            }
+            if let Some(v) = self.iops(setup, Job::RandWrite) {
+                out.push(ratio(
+                    format!("{setup} randwrite IOPS / SPDK's 555K"),
+                    v / SPDK_WRITE_IOPS,
+                    None,
+                ));
+            }
+            if let Some(v) = self.qd1_us(setup) {
+                out.push(Ratio {
+                    what: format!("{setup} QD1 randread average latency (Cairn target)"),
+                    value: v,
+                    unit: "µs".into(),
+                    target: Some(format!("< {TARGET_QD1_US:.0} µs")),
+                    pass: Some(v < TARGET_QD1_US),
+                });
+                out.push(ratio(
+                    format!("SPDK's 13.7 µs / {setup} QD1 latency (speed)"),
+                    SPDK_QD1_US / v,
+                    None,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Where the time goes, in numbers the suite measured.
+    fn explain(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let cpu = |s: Setup, j: Job| {
+            self.row(s, j)
+                .and_then(|r| r.median.cpu.watched_us_per_io)
+                .filter(|v| *v > 0.0)
+        };
+        for job in [Job::RandRead, Job::RandWrite] {
+            if let (Some(n), Some(r)) = (cpu(Setup::Nexus(1), job), cpu(Setup::Replica, job)) {
+                out.push(format!(
+                    "{}: the nexus layer costs {:+.2} µs of engine CPU per I/O ({:.2} with the \
+                     nexus vs {:.2} alone): with a local child it adds no network hop, only the \
+                     nexus channel (child choice, one more boxed I/O future, and the fan-out join \
+                     for writes) on the same reactor.",
+                    job.label(),
+                    n - r,
+                    n,
+                    r
+                ));
+            }
+        }
+        if let (Some(n), Some(r)) = (self.qd1_us(Setup::Nexus(1)), self.qd1_us(Setup::Replica)) {
+            out.push(format!(
+                "QD1: the nexus adds {:+.1} µs to the average read latency ({n:.1} vs {r:.1} µs).",
+                n - r
+            ));
+        }
+        for row in &self.rows {
+            if row.job == Job::RandRead.label() {
+                if let Some(c) = row.engine_cores() {
+                    if c > 0.85 * self.options.engine_cpus.len().max(1) as f64 {
+                        out.push(format!(
+                            "{}: the engine's reactors were busy {:.2} cores at QD64 randread: \
+                             the engine core is the bottleneck ({:.2} µs of engine CPU per I/O).",
+                            row.setup,
+                            c,
+                            row.median.cpu.watched_us_per_io.unwrap_or(0.0)
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The report as Markdown.
+    pub fn markdown(&self) -> String {
+        let o = &self.options;
+        let mut s = String::new();
+        let _ = writeln!(s, "# Cairn benchmark suite\n");
+        let _ = writeln!(
+            s,
+            "{} mode: {} round(s), medians shown; {} measured after {} ramp per run; {} per device; \
+             {} CPUs, kernel {}; {:.0} s in all.\n",
+            if o.quick { "Quick (checks the suite works, not speed)" } else { "Full" },
+            o.rounds,
+            fmt_secs(o.runtime),
+            fmt_secs(o.ramp),
+            crate::spec::format_size(o.size),
+            self.cpus,
+            self.kernel,
+            self.elapsed_secs
+        );
+        let _ = writeln!(
+            s,
+            "CPU placement: every engine reactor (the nexus node and the remote replica nodes \
+             alike: they share cores) on CPUs {:?}; the load generator ({} job thread(s), its \
+             initiator included) on CPUs {:?}. SSD model: {}.\n",
+            o.engine_cpus, o.numjobs, o.bench_cpus, o.model
+        );
+        let _ = writeln!(s, "## Setups\n");
+        for (name, what) in &self.setups {
+            let _ = writeln!(s, "- `{name}`: {what}");
+        }
+        let _ = writeln!(s, "\n## Results\n");
+        let _ = writeln!(
+            s,
+            "Jobs: 4 KiB random read, write and 50/50 mix at queue depth {} x {} job thread(s); \
+             QD1: 4 KiB random read at queue depth 1. Engine CPU: all reactor threads' CPU time \
+             in the measured window per I/O; engine cores: that times IOPS.\n",
+            o.iodepth, o.numjobs
+        );
+        let headers = [
+            "setup",
+            "job",
+            "IOPS",
+            "MiB/s",
+            "avg µs",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "bench CPU µs/IO",
+            "engine CPU µs/IO",
+            "engine cores",
+            "errors",
+            "runs (IOPS)",
+        ];
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        for r in &self.rows {
+            let m = &r.median;
+            rows.push(vec![
+                r.setup.clone(),
+                r.job.clone(),
+                format!("{:.0}", m.total.iops),
+                format!("{:.1}", m.total.mib_per_sec),
+                format!("{:.1}", m.total.latency.mean_us),
+                format!("{:.1}", m.total.latency.p50_us),
+                format!("{:.1}", m.total.latency.p99_us),
+                format!("{:.1}", m.total.latency.p99_9_us),
+                format!("{:.2}", m.cpu.job_threads_us_per_io),
+                m.cpu
+                    .watched_us_per_io
+                    .map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+                r.engine_cores()
+                    .map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+                m.errors.to_string(),
+                r.runs_iops
+                    .iter()
+                    .map(|v| format!("{v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]);
+        }
+        table(&mut s, &headers, &rows, 2);
+        if let Some(i) = &self.idle {
+            let _ = writeln!(s, "\n## Idle engine\n");
+            let _ =
+                writeln!(
+                s,
+                "Over {:.1} s with every node up, initiators connected and an idle I/O queue open \
+                 on every exported setup: reactor threads ({}) {:.3}% of a core, whole process \
+                 {:.3}% of a core (target: < 1%: {}).",
+                i.secs,
+                i.reactor_threads,
+                i.reactor_pct_of_core,
+                i.process_pct_of_core,
+                if i.process_pct_of_core < 1.0 { "met" } else { "MISSED" }
+            );
+        }
+        if !self.ratios.is_empty() {
+            let _ = writeln!(s, "\n## Ratios and targets\n");
+            let rows: Vec<Vec<String>> = self
+                .ratios
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.what.clone(),
+                        match r.unit.as_str() {
+                            "x" => format!("{:.2}x", r.value),
+                            "IOPS" => format!("{:.0}", r.value),
+                            u => format!("{:.1} {u}", r.value),
+                        },
+                        r.target.clone().unwrap_or_else(|| "-".into()),
+                        match r.pass {
+                            Some(true) => "met".into(),
+                            Some(false) => "MISSED".into(),
+                            None => "-".into(),
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &mut s,
+                &["comparison", "value", "target", "verdict"],
+                &rows,
+                1,
+            );
+        }
+        if !self.explanations.is_empty() || !self.notes.is_empty() || o.quick {
+            let _ = writeln!(s, "\n## Notes\n");
+            for e in self.explanations.iter().chain(&self.notes) {
+                let _ = writeln!(s, "- {e}");
+            }
+            if o.quick {
+                let _ = writeln!(
+                    s,
+                    "- Quick mode: runs are too short for the numbers to mean anything."
+                );
+            }
+            let _ = writeln!(
+                s,
+                "- SPDK figures are published numbers from other runs, not measured here."
+            );
+        }
+        s
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// A Markdown table; the first `labels` columns left-aligned, the rest
+/// right-aligned.
+fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>], labels: usize) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: Vec<String>| {
+        out.push('|');
+        for (i, c) in cells.into_iter().enumerate() {
+            let pad = " ".repeat(widths[i].saturating_sub(c.chars().count()));
+            if i < labels {
+                let _ = write!(out, " {c}{pad} |");
+            } else {
+                let _ = write!(out, " {pad}{c} |");
+            }
+        }
+        out.push('\n');
+    };
+    line(out, headers.iter().map(|h| h.to_string()).collect());
+    out.push('|');
+    for (i, w) in widths.iter().enumerate() {
+        let d = "-".repeat((*w).max(3));
+        if i < labels {
+            let _ = write!(out, " {d} |");
+        } else {
+            let _ = write!(out, " {}: |", &d[1..]);
+        }
+    }
+    out.push('\n');
+    for r in rows {
+        line(out, r.clone());
+    }
+}
