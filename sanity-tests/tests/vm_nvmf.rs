@@ -50,6 +50,7 @@ echo "$out"
 grep -qF "$POOL_NQN" <<<"$out" || die "discovery log lacks $POOL_NQN"
 grep -qF "$RAM_NQN" <<<"$out" || die "discovery log lacks $RAM_NQN"
 grep -q "trsvcid: *$TARGET_PORT" <<<"$out" || die "discovery log lacks the target's port"
+grep -q "traddr: *127.0.0.1" <<<"$out" || die "discovery log lacks the target's address"
 pass discover
 
 log "discovery as a host not on the allow-list"
@@ -255,11 +256,25 @@ fn vm_nvmf_ext4_xfs_survive_reconnect() -> Result<()> {
             "clean-dmesg",
         ],
     )?;
-    let pool = fx.pool.as_ref().context("pool")?;
+    // What the kernel wrote landed in the pool, and its metadata is
+    // consistent once the target lets go of it.
+    let pool = fx.pool.clone().context("pool")?;
+    let info = pool.info();
+    ensure!(info.used > 0, "the replica holds no data: {info:?}");
+    fx.target.shutdown();
+    let t0 = Instant::now();
+    while let Err(e) = pool.export() {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "exporting the pool after the target stopped: {e}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let report = cairn_pool::check(&info.path).context("checking the pool")?;
+    ensure!(report.is_clean(), "pool check: {report:?}");
     ensure!(
-        pool.info().used > 0,
-        "the replica holds no data: {:?}",
-        pool.info()
+        report.replicas == 1 && report.used_clusters * u64::from(report.cluster_size) == info.used,
+        "pool check disagrees with the live pool ({info:?}): {report:?}"
     );
     Ok(())
 }
@@ -382,7 +397,7 @@ c=$(ctrl_of "$NQN")
 cntlid0=$(cat "/sys/class/nvme/$c/cntlid")
 dev=$(wait_ns "$NQN")
 fio --name=across-restart --filename="$dev" --direct=1 --ioengine=libaio \
-    --rw=randwrite --bs=64k --iodepth=8 --size=96M --eta=never \
+    --rw=randwrite --bs=64k --iodepth=8 --size=96M --rate=8m --eta=never \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
     >/root/fio.log 2>&1 &
 pid=$!
@@ -392,6 +407,9 @@ pass io-running
 touch "$SYNC/io-running"
 for i in $(seq 1 1200); do [ -e "$SYNC/target-restarted" ] && break; sleep 0.1; done
 [ -e "$SYNC/target-restarted" ] || die "the host never restarted the target"
+# At 8 MB/s each way fio needs 24 s, so it must still be running: the
+# restart happened under I/O.
+kill -0 "$pid" || { cat /root/fio.log; die "fio finished before the target came back"; }
 log "target restarted; waiting for fio"
 rc=0
 wait "$pid" || rc=$?
