@@ -41,7 +41,8 @@ fn ensure_passed(out: &VmOutput, checks: &[&str]) -> Result<()> {
 
 /// Discovery, the allow-list, `nvme connect` with 2 I/O queues and digests
 /// and with the defaults, fio crc32c verification at 4K and 128K on a pool
-/// replica and on a RAM device, and a clean `nvme disconnect -n`.
+/// replica and on a RAM device, a namespace with 4 KiB blocks, and a clean
+/// `nvme disconnect -n`.
 const CONNECT_SCRIPT: &str = r#"
 log "discovery as the allowed host"
 out=$(nvme discover -t tcp -a "$A" -s "$PORT" --hostnqn "$HOSTNQN" --hostid "$HOSTID") \
@@ -109,6 +110,20 @@ disconnect "$RAM_NQN"
 [ ! -e "$dev" ] || die "$dev still exists"
 [ -z "$(ls /sys/class/nvme/ 2>/dev/null)" ] || die "controllers left: $(ls /sys/class/nvme/)"
 pass disconnect-ram
+
+log "a namespace with 4 KiB blocks"
+connect -n "$RAM4K_NQN" -i 1
+dev=$(wait_ns "$RAM4K_NQN")
+b=$(basename "$dev")
+echo "$dev: logical_block_size=$(cat /sys/block/$b/queue/logical_block_size) size=$(cat /sys/block/$b/size)"
+[ "$(cat /sys/block/$b/queue/logical_block_size)" = 4096 ] || die "not 4 KiB blocks"
+[ "$(cat /sys/block/$b/size)" = "$RAM4K_SECTORS" ] || die "wrong namespace size"
+if dd if=/dev/zero of="$dev" bs=512 count=1 oflag=direct status=none 2>/dev/null; then
+    die "a 512-byte direct write to a 4 KiB-block namespace succeeded"
+fi
+verify_fio 4k 8M "$dev"
+disconnect "$RAM4K_NQN"
+pass ram-4k-blocks
 if dmesg | grep -Ei "digest error|nvme.*(I/O error|timeout)"; then die "kernel reported errors"; fi
 pass clean-dmesg
 "#;
@@ -119,7 +134,11 @@ fn vm_nvmf_discover_allowlist_connect_fio() -> Result<()> {
     let denied = HostId::random();
     let pool_bytes = 256 * MIB;
     let fx = Fixture::start(
-        &[Backing::PoolReplica(pool_bytes), Backing::Ram(128 * MIB)],
+        &[
+            Backing::PoolReplica(pool_bytes),
+            Backing::Ram(128 * MIB),
+            Backing::Ram4k(64 * MIB),
+        ],
         &[&host],
     )?;
     let relay = Relay::start(fx.target.local_addr())?;
@@ -132,7 +151,9 @@ fn vm_nvmf_discover_allowlist_connect_fio() -> Result<()> {
         ("DENIED_ID", denied.id.to_string()),
         ("POOL_NQN", fx.nqns[0].clone()),
         ("RAM_NQN", fx.nqns[1].clone()),
+        ("RAM4K_NQN", fx.nqns[2].clone()),
         ("POOL_SECTORS", (pool_bytes / 512).to_string()),
+        ("RAM4K_SECTORS", (64 * MIB / 512).to_string()),
     ]) + GUEST_LIB
         + CONNECT_SCRIPT;
     let out = vm().run(&script).context("guest run")?;
@@ -150,6 +171,7 @@ fn vm_nvmf_discover_allowlist_connect_fio() -> Result<()> {
             "fio-4k-ram",
             "fio-128k-ram",
             "disconnect-ram",
+            "ram-4k-blocks",
             "clean-dmesg",
         ],
     )?;

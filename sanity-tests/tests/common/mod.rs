@@ -57,6 +57,8 @@ pub enum Backing {
     PoolReplica(u64),
     /// A RAM device of this many bytes (512-byte blocks).
     Ram(u64),
+    /// A RAM device of this many bytes with 4 KiB blocks.
+    Ram4k(u64),
 }
 
 /// A target on `127.0.0.1:0` and the pool file behind it.
@@ -88,6 +90,7 @@ impl Fixture {
             let uuid = Uuid::new_v4();
             let device: Arc<dyn BlockDevice> = match b {
                 Backing::Ram(bytes) => Arc::new(RamDevice::new(512, bytes / 512)),
+                Backing::Ram4k(bytes) => Arc::new(RamDevice::new(4096, bytes / 4096)),
                 Backing::PoolReplica(bytes) => {
                     let p = match &pool {
                         Some(p) => p.clone(),
