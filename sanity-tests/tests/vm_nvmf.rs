@@ -554,3 +554,106 @@ fn vm_nvmf_target_restart_reconnects_and_retries_io() -> Result<()> {
     );
     Ok(())
 }
+
+/// Control-plane changes under a connected kernel host: a removed
+/// subsystem and one whose allow-list no longer names the host must both
+/// drop the host's controller (its reconnects refused until ctrl-loss-tmo
+/// removes it) and vanish from its discovery log, while a third subsystem
+/// stays live and usable.
+const REVOKE_SCRIPT: &str = r#"
+connect -n "$GONE_NQN" --ctrl-loss-tmo=3 --reconnect-delay=1
+connect -n "$REVOKED_NQN" --ctrl-loss-tmo=3 --reconnect-delay=1
+connect -n "$KEPT_NQN"
+wait_ns "$GONE_NQN" >/dev/null
+wait_ns "$REVOKED_NQN" >/dev/null
+kept=$(wait_ns "$KEPT_NQN")
+pass connected
+touch "$SYNC/connected"
+for i in $(seq 1 1200); do [ -e "$SYNC/changed" ] && break; sleep 0.1; done
+[ -e "$SYNC/changed" ] || die "the host never changed the target"
+t0=$(date +%s)
+while [ -n "$(ctrl_of "$GONE_NQN")$(ctrl_of "$REVOKED_NQN")" ]; do
+    [ $(( $(date +%s) - t0 )) -lt "$LIMIT" ] || die "controllers still present ${LIMIT}s after the change"
+    sleep 0.2
+done
+echo "both controllers removed after $(( $(date +%s) - t0 ))s"
+dmesg | grep nvme | tail -n 25
+dmesg | grep -q "Connect for subsystem $REVOKED_NQN is not allowed, hostnqn: $HOSTNQN" \
+    || die "the revoked host's reconnect was not refused as an invalid host"
+# Connect to an unknown subsystem: Invalid Parameter pointing at SUBNQN.
+dmesg | grep -q "Connect Invalid Data Parameter, subsysnqn \"$GONE_NQN\"" \
+    || die "the removed subsystem's reconnect was not refused as an unknown subsystem"
+pass dropped
+out=$(nvme discover -t tcp -a "$A" -s "$PORT" --hostnqn "$HOSTNQN" --hostid "$HOSTID")
+echo "$out"
+if grep -qF -e "$GONE_NQN" -e "$REVOKED_NQN" <<<"$out"; then die "discovery still lists a dropped subsystem"; fi
+grep -qF "$KEPT_NQN" <<<"$out" || die "discovery lost the kept subsystem"
+pass discovery-updated
+[ "$(cat "/sys/class/nvme/$(ctrl_of "$KEPT_NQN")/state")" = live ] || die "kept controller not live"
+dd if=/dev/urandom of=/root/blk bs=64k count=16 status=none
+dd if=/root/blk of="$kept" bs=64k oflag=direct status=none
+dd if="$kept" of=/root/back bs=64k count=16 iflag=direct status=none
+cmp /root/blk /root/back || die "kept namespace returned other data"
+disconnect "$KEPT_NQN"
+pass kept-usable
+"#;
+
+#[test]
+fn vm_nvmf_removed_and_revoked_subsystems_drop_the_host() -> Result<()> {
+    let host = HostId::random();
+    let other = HostId::random();
+    let fx = Fixture::start(
+        &[
+            Backing::Ram(32 * MIB),
+            Backing::Ram(32 * MIB),
+            Backing::Ram(32 * MIB),
+        ],
+        &[&host],
+    )?;
+    let (gone, revoked) = (fx.nqns[0].clone(), fx.nqns[1].clone());
+    let sync = common::shared_dir()?;
+    let script = sh_vars(&[
+        ("PORT", fx.port().to_string()),
+        ("HOSTNQN", host.nqn.clone()),
+        ("HOSTID", host.id.to_string()),
+        ("GONE_NQN", gone.clone()),
+        ("REVOKED_NQN", revoked.clone()),
+        ("KEPT_NQN", fx.nqns[2].clone()),
+        ("SYNC", sh_path(sync.path())),
+        ("LIMIT", "40".into()),
+    ]) + GUEST_LIB
+        + REVOKE_SCRIPT;
+    let guest = {
+        let vm = vm().share(sync.path());
+        thread::spawn(move || vm.run(&script))
+    };
+    let connected = sync.path().join("connected");
+    while !connected.exists() && !guest.is_finished() {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let saw = connected.exists();
+    let mut change = Ok(());
+    if saw {
+        change = fx.target.remove_subsystem(&gone).and_then(|()| {
+            fx.target
+                .set_allowed_hosts(&revoked, Some(vec![other.nqn.clone()]))
+        });
+    }
+    std::fs::write(sync.path().join("changed"), b"")?;
+    let out = guest
+        .join()
+        .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
+        .context("guest run")?;
+    change.context("changing the target")?;
+    ensure!(saw, "the guest never connected:\n{}", out.output);
+    ensure_passed(
+        &out,
+        &["connected", "dropped", "discovery-updated", "kept-usable"],
+    )?;
+    let subs = fx.target.list_subsystems();
+    ensure!(
+        subs.len() == 2 && subs.iter().all(|s| s.controllers == 0),
+        "target state after the run: {subs:?}"
+    );
+    Ok(())
+}
