@@ -1530,7 +1530,7 @@ fn twenty_volumes_in_parallel() -> Result<()> {
         ensure!(reps.len() == 20, "engine holds {} replicas", reps.len());
 
         let mut tasks = Vec::new();
-        for id in ids.iter().cloned() {
+        for id in ids.clone() {
             let ctx = ctx.clone();
             tasks.push(tokio::spawn(async move { delete(&ctx, &id).await }));
         }
@@ -1552,5 +1552,67 @@ fn twenty_volumes_in_parallel() -> Result<()> {
             "ListVolumes after delete: {list:?}"
         );
         Ok(())
+    })
+}
+
+// ---- Topology ----------------------------------------------------------
+
+fn segment(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), node.to_owned())]),
+    }
+}
+
+/// VOLUME_ACCESSIBILITY_CONSTRAINTS is advertised: CreateVolume honours
+/// requisite segments (RESOURCE_EXHAUSTED when none can hold the volume)
+/// and GetCapacity answers per segment.
+#[test]
+fn topology_constraints() -> Result<()> {
+    with_system(|ctx| async move {
+        let mut ctl = ctx.csi.controller.clone();
+        let mut req = create_request("topo", 16 * MIB, &[]);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![segment("elsewhere")],
+            preferred: vec![],
+        });
+        expect_code(
+            "requisite segment without nodes",
+            ctl.create_volume(req.clone()).await,
+            Code::ResourceExhausted,
+        )?;
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![segment("elsewhere"), segment(NODE)],
+            preferred: vec![segment(NODE)],
+        });
+        let v = create(&ctx, req).await?;
+        ensure!(
+            !v.accessible_topology.is_empty()
+                && v.accessible_topology
+                    .iter()
+                    .all(|t| [segment("elsewhere"), segment(NODE)].contains(t)),
+            "accessible_topology outside the requisite: {:?}",
+            v.accessible_topology
+        );
+
+        let here = ctl
+            .get_capacity(csi::GetCapacityRequest {
+                accessible_topology: Some(segment(NODE)),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(here.available_capacity > 0, "this node's segment: {here:?}");
+        let nowhere = ctl
+            .get_capacity(csi::GetCapacityRequest {
+                accessible_topology: Some(segment("elsewhere")),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            nowhere.available_capacity == 0,
+            "a segment without nodes has capacity: {nowhere:?}"
+        );
+        delete(&ctx, &v.volume_id).await
     })
 }
