@@ -114,6 +114,31 @@ pub fn threads_cpu(tids: &[u32]) -> io::Result<Duration> {
         .try_fold(Duration::ZERO, |acc, &t| Ok(acc + tid_cpu(t)?))
 }
 
+/// Like [`threads_cpu`], plus the io_uring worker threads the kernel
+/// started for those threads (`iou-wrk-TID`): work io_uring cannot do
+/// without blocking (e.g. reads of a tmpfs file) runs there, and is part
+/// of the cost of the I/O. Workers that exited are no longer counted, so
+/// sample this around spells shorter than a worker's idle timeout (5 s of
+/// idleness), as a benchmark run is.
+pub fn threads_cpu_with_workers(tids: &[u32]) -> io::Result<Duration> {
+    let mut total = threads_cpu(tids)?;
+    let names: Vec<String> = tids.iter().map(|t| format!("iou-wrk-{t}")).collect();
+    for e in std::fs::read_dir("/proc/self/task")?.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if tids.contains(&tid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if names.iter().any(|n| n == comm.trim_end()) {
+            // A worker that exited meanwhile is simply not counted.
+            total += tid_cpu(tid).unwrap_or_default();
+        }
+    }
+    Ok(total)
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {

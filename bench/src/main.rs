@@ -11,7 +11,7 @@ use cairn_bdev::file::{FileDevice, FileOptions};
 use cairn_bdev::ram::RamDevice;
 use cairn_bdev::BlockDevice;
 use cairn_bench::spec::{format_size, parse_count, parse_cpu_list, parse_duration};
-use cairn_bench::suite::{run_suite, Setup, SuiteOptions};
+use cairn_bench::suite::{export_setups, run_suite, Setup, SuiteOptions};
 use cairn_bench::{
     markdown_table, parse_size, report, run, JobSpec, ModelDevice, ModelParams, Pattern, Progress,
     RunOptions,
@@ -21,6 +21,7 @@ use cairn_engine::initiator::{InitiatorOptions, NvmfDevice};
 const USAGE: &str = "\
 usage: cairn-bench (--filename PATH | --ram SIZE | --nvmf HOST:PORT --nqn NQN) [options]
        cairn-bench suite [--quick] [--out DIR] [suite options]   (see: cairn-bench suite --help)
+       cairn-bench serve [options]   the suite's engine setups for outside initiators (serve --help)
 
 target:
   --filename PATH     file or block device (a missing file is created with --size)
@@ -297,7 +298,10 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<ExitCode> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some("suite") {
-        return suite_main(raw[1..].to_vec());
+        return suite_main(raw[1..].to_vec(), false);
+    }
+    if raw.first().map(String::as_str) == Some("serve") {
+        return suite_main(raw[1..].to_vec(), true);
     }
     let Some(args) = parse_args(raw)? else {
         print!("{USAGE}");
@@ -407,9 +411,57 @@ writes suite.md, suite.json and suite.png into DIR.
   --progress / --no-progress
 ";
 
-fn suite_main(raw: Vec<String>) -> anyhow::Result<ExitCode> {
+/// `serve`: what `suite` starts of the engine, exported until SIGINT,
+/// SIGTERM or the end of standard input, for fio and the kernel initiator
+/// (bench/vm-fio.sh).
+const SERVE_USAGE: &str = "\
+usage: cairn-bench serve [--setups LIST] [--size SIZE] [--model PARAMS] [--engine-cpus LIST]
+
+Starts the suite's engine setups in this process and prints one line per
+setup, `export SETUP HOST:PORT NQN`, then `ready`; runs until SIGINT, SIGTERM
+or the end of standard input. Options as for `cairn-bench suite`
+(default setups: replica nexus-1 nexus-2 nexus-3, 256m each).
+";
+
+fn serve(o: &SuiteOptions) -> anyhow::Result<ExitCode> {
+    install_sigint();
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe { libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t) };
+    let (cluster, exports) = export_setups(o)?;
+    for e in &exports {
+        println!("export {} {} {}", e.setup, e.addr, e.nqn);
+    }
+    println!("ready");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let eof = Arc::new(AtomicBool::new(false));
+    let eof2 = eof.clone();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        eof2.store(true, Ordering::Relaxed);
+    });
+    while !INTERRUPTED.load(Ordering::Relaxed) && !eof.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("cairn-bench serve: stopping");
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn suite_main(raw: Vec<String>, serving: bool) -> anyhow::Result<ExitCode> {
     let quick = raw.iter().any(|a| a == "--quick");
     let mut o = SuiteOptions::new(quick);
+    if serving {
+        o.setups = vec![
+            Setup::Replica,
+            Setup::Nexus(1),
+            Setup::Nexus(2),
+            Setup::Nexus(3),
+        ];
+        o.size = 256 << 20;
+    }
+    let usage = if serving { SERVE_USAGE } else { SUITE_USAGE };
     let mut i = 0;
     while i < raw.len() {
         let arg = raw[i].clone();
@@ -417,11 +469,11 @@ fn suite_main(raw: Vec<String>) -> anyhow::Result<ExitCode> {
         let (key, inline) = match arg.strip_prefix("--").map(|k| k.split_once('=')) {
             Some(Some((k, v))) => (k.to_owned(), Some(v.to_owned())),
             Some(None) => (arg[2..].to_owned(), None),
-            None => bail!("unexpected argument {arg:?}\n\n{SUITE_USAGE}"),
+            None => bail!("unexpected argument {arg:?}\n\n{usage}"),
         };
         match key.as_str() {
             "help" | "h" => {
-                print!("{SUITE_USAGE}");
+                print!("{usage}");
                 return Ok(ExitCode::SUCCESS);
             }
             "quick" => {}
@@ -460,7 +512,7 @@ fn suite_main(raw: Vec<String>) -> anyhow::Result<ExitCode> {
                     "disk-dir" => o.disk_dir = PathBuf::from(value),
                     "shm-dir" => o.shm_dir = PathBuf::from(value),
                     "idle" => o.idle = parse_duration(&value)?,
-                    k => bail!("unknown suite option --{k}\n\n{SUITE_USAGE}"),
+                    k => bail!("unknown option --{k}\n\n{usage}"),
                 }
             }
         }
@@ -470,6 +522,9 @@ fn suite_main(raw: Vec<String>) -> anyhow::Result<ExitCode> {
     }
     if o.size < (1 << 20) {
         bail!("--size must be at least 1m");
+    }
+    if serving {
+        return serve(&o);
     }
     let report = run_suite(&o)?;
     let clean = report.rows.iter().all(|r| r.median.errors == 0);

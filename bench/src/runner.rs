@@ -95,8 +95,8 @@ pub struct RunOptions {
     /// Also account the CPU time of this process (e.g. the engine).
     pub watch_pid: Option<u32>,
     /// Also account the CPU time of these threads of this process (e.g. the
-    /// reactors of an engine running in-process), summed; ignored when
-    /// `watch_pid` is set.
+    /// reactors of an engine running in-process) and of their io_uring
+    /// workers, summed; ignored when `watch_pid` is set.
     pub watch_threads: Vec<u32>,
     /// Set to stop the run early (e.g. on Ctrl-C); results cover what ran.
     pub stop: Option<Arc<AtomicBool>>,
@@ -241,7 +241,7 @@ fn sample_cpu(opts: &RunOptions) -> (Option<Duration>, Option<Duration>) {
     let watched = match (opts.watch_pid, opts.watch_threads.as_slice()) {
         (Some(p), _) => cpu::pid_cpu(p).ok(),
         (None, []) => None,
-        (None, tids) => cpu::threads_cpu(tids).ok(),
+        (None, tids) => cpu::threads_cpu_with_workers(tids).ok(),
     };
     (cpu::process_cpu().ok(), watched)
 }

@@ -19,8 +19,9 @@
 //! CPU: the load generator's job threads are pinned to `bench_cpus`, every
 //! node's reactor to `engine_cpus` (on a 2-core machine: the load generator
 //! on one core, all engine reactors, remote nodes included, on the other).
-//! "Engine CPU per I/O" is the summed CPU time of all reactor threads during
-//! the measured window divided by the I/Os.
+//! "Engine CPU per I/O" is the summed CPU time of all reactor threads (and
+//! of the io_uring worker threads the kernel runs for them) during the
+//! measured window divided by the I/Os.
 
 mod chart;
 pub mod cluster;
@@ -291,6 +292,56 @@ pub fn default_model() -> ModelParams {
         max_iops: Some(20_000),
         ..ModelParams::datacenter_nvme()
     }
+}
+
+/// One exported setup of [`export_setups`].
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub setup: Setup,
+    pub addr: std::net::SocketAddr,
+    pub nqn: String,
+}
+
+/// Starts the engine pieces of `opts.setups` (the baselines are skipped) and
+/// returns where each is exported, for an outside initiator (the kernel's,
+/// with fio) to run the suite's jobs. Everything stops when the cluster is
+/// dropped.
+pub fn export_setups(opts: &SuiteOptions) -> anyhow::Result<(Cluster, Vec<Export>)> {
+    let engine: Vec<Setup> = opts
+        .setups
+        .iter()
+        .copied()
+        .filter(|s| s.uses_engine())
+        .collect();
+    let Some(nodes) = engine.iter().map(|s| s.nodes()).max() else {
+        bail!("none of the setups runs on the engine");
+    };
+    let dir = opts
+        .shm_dir
+        .join(format!("cairn-bench-{}", std::process::id()));
+    let queues = 8;
+    let mut c = Cluster::start(
+        nodes,
+        dir,
+        opts.size,
+        &opts.model,
+        &opts.engine_cpus,
+        queues,
+    )?;
+    let mut out = Vec::new();
+    for setup in engine {
+        let n1 = &c.nodes[0];
+        let addr = n1.addr();
+        let nqn = match setup {
+            Setup::Replica => n1.replica_nqn.clone(),
+            Setup::ReplicaModel => n1.model_nqn.clone(),
+            Setup::Nexus(n) => c.add_volume(n.into(), false, opts.size, queues)?,
+            Setup::NexusModel(n) => c.add_volume(n.into(), true, opts.size, queues)?,
+            _ => continue,
+        };
+        out.push(Export { setup, addr, nqn });
+    }
+    Ok((c, out))
 }
 
 /// A device under test and what the suite knows of it.
@@ -657,13 +708,15 @@ fn measure_idle(c: &Cluster, targets: &[Target], secs: Duration) -> anyhow::Resu
         .and_then(|holder_tid| {
             // Let connection setup settle first.
             std::thread::sleep(Duration::from_millis(200));
-            let r0 = cpu::threads_cpu(&tids)?;
+            let r0 = cpu::threads_cpu_with_workers(&tids)?;
             let p0 = cpu::process_cpu()?;
             let h0 = cpu::tid_cpu(holder_tid)?;
             let t0 = Instant::now();
             std::thread::sleep(secs);
             let wall = t0.elapsed().as_secs_f64();
-            let reactors = (cpu::threads_cpu(&tids)? - r0).as_secs_f64();
+            let reactors = cpu::threads_cpu_with_workers(&tids)?
+                .saturating_sub(r0)
+                .as_secs_f64();
             let holder_cpu = (cpu::tid_cpu(holder_tid)? - h0).as_secs_f64();
             let process = (cpu::process_cpu()? - p0).as_secs_f64();
             Ok(IdleCpu {

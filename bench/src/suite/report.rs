@@ -327,7 +327,8 @@ impl SuiteReport {
             s,
             "Jobs: 4 KiB random read, write and 50/50 mix at queue depth {} x {} job thread(s); \
              QD1: 4 KiB random read at queue depth 1. Engine CPU: all reactor threads' CPU time \
-             in the measured window per I/O; engine cores: that times IOPS.\n",
+             (with their io_uring workers) in the measured window per I/O; engine cores: that \
+             times IOPS.\n",
             o.iodepth, o.numjobs
         );
         let headers = [
