@@ -11,6 +11,7 @@
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), cairn_engine::initiator::InitiatorError> {
+//! use cairn_bdev::BlockDevice;
 //! use cairn_engine::initiator::{InitiatorOptions, NvmfDevice};
 //! let opts = InitiatorOptions::new(
 //!     "127.0.0.1:8420".parse().unwrap(),

@@ -49,7 +49,11 @@ fn io_end(_: std::io::Error) -> End {
 /// A namespace as one I/O queue sees it.
 struct NsChan {
     nsid: u32,
-    geo: NsGeometry,
+    /// Cached geometry; refreshed from `device` when a command reaches past
+    /// its end, so a namespace that grew online is seen without a per-I/O
+    /// query.
+    geo: std::cell::Cell<NsGeometry>,
+    device: Arc<dyn cairn_bdev::BlockDevice>,
     chan: Box<dyn IoChannel>,
 }
 
@@ -65,6 +69,22 @@ struct IoCtx {
 impl IoCtx {
     fn ns(&self, nsid: u32) -> Option<usize> {
         self.ns.iter().position(|n| n.nsid == nsid)
+    }
+
+    /// Geometry of namespace `i` for a command ending at block `end`.
+    fn geo(&self, i: usize, end: u64) -> NsGeometry {
+        let n = &self.ns[i];
+        let g = n.geo.get();
+        if end <= g.num_blocks {
+            return g;
+        }
+        let info = n.device.info();
+        let fresh = NsGeometry {
+            block_size: info.block_size,
+            num_blocks: info.num_blocks,
+        };
+        n.geo.set(fresh);
+        fresh
     }
 }
 
@@ -521,28 +541,38 @@ impl Queue {
             Ok(d) => d,
             Err(st) => return self.reply(cid, sqhd, Reply::status(st)),
         };
-        let geo = |nsid: u32| ctx.ns(nsid).map(|i| ctx.ns[i].geo);
+        let geo = |nsid: u32, slba: u64, blocks: u64| {
+            ctx.ns(nsid)
+                .map(|i| ctx.geo(i, slba.saturating_add(blocks)))
+        };
         let need: Result<u32, Status> = match cmd {
-            Command::Read(rw) => check_rw(&rw, geo(rw.nsid), desc.len).and_then(|len| {
-                if u64::from(len) > self.max_transfer() || desc.in_capsule || data.is_some() {
-                    Err(Status::INVALID_FIELD)
-                } else {
-                    let i = ctx.ns(rw.nsid).unwrap_or(0);
-                    self.spawn(
-                        ctx,
-                        cid,
-                        sqhd,
-                        Op::Read {
-                            ns: i,
-                            lba: rw.slba,
-                            len: len as usize,
-                        },
-                    );
-                    Ok(0)
-                }
-            }),
-            Command::Write(rw) | Command::Compare(rw) => check_rw(&rw, geo(rw.nsid), desc.len),
-            Command::DatasetManagement { nsid, ranges, .. } => match geo(nsid) {
+            Command::Read(rw) => {
+                check_rw(&rw, geo(rw.nsid, rw.slba, u64::from(rw.blocks)), desc.len).and_then(
+                    |len| {
+                        if u64::from(len) > self.max_transfer() || desc.in_capsule || data.is_some()
+                        {
+                            Err(Status::INVALID_FIELD)
+                        } else {
+                            let i = ctx.ns(rw.nsid).unwrap_or(0);
+                            self.spawn(
+                                ctx,
+                                cid,
+                                sqhd,
+                                Op::Read {
+                                    ns: i,
+                                    lba: rw.slba,
+                                    len: len as usize,
+                                },
+                            );
+                            Ok(0)
+                        }
+                    },
+                )
+            }
+            Command::Write(rw) | Command::Compare(rw) => {
+                check_rw(&rw, geo(rw.nsid, rw.slba, u64::from(rw.blocks)), desc.len)
+            }
+            Command::DatasetManagement { nsid, ranges, .. } => match geo(nsid, 0, 0) {
                 None => Err(Status::INVALID_NS),
                 Some(_) if ranges > MAX_DSM_RANGES => Err(Status::INVALID_FIELD),
                 Some(_) if desc.len < ranges * 16 || desc.len > 4096 => {
@@ -568,7 +598,12 @@ impl Queue {
                 nsid, slba, blocks, ..
             } => match ctx.ns(nsid) {
                 None => Err(Status::INVALID_NS),
-                Some(i) => check_range(slba, u64::from(blocks), ctx.ns[i].geo).map(|()| {
+                Some(i) => check_range(
+                    slba,
+                    u64::from(blocks),
+                    ctx.geo(i, slba.saturating_add(u64::from(blocks))),
+                )
+                .map(|()| {
                     self.spawn(
                         ctx,
                         cid,
@@ -659,7 +694,8 @@ impl Queue {
                 };
                 let list = DsmRange::parse_all(&buf, ranges);
                 for r in &list {
-                    if let Err(st) = check_range(r.slba, u64::from(r.blocks), ctx.ns[ns].geo) {
+                    let end = r.slba.saturating_add(u64::from(r.blocks));
+                    if let Err(st) = check_range(r.slba, u64::from(r.blocks), ctx.geo(ns, end)) {
                         return self.reply(cid, sqhd, Reply::status(st));
                     }
                 }
@@ -786,10 +822,11 @@ impl Queue {
                     match n.device.open_channel() {
                         Ok(chan) => ns.push(NsChan {
                             nsid: n.nsid,
-                            geo: NsGeometry {
+                            geo: std::cell::Cell::new(NsGeometry {
                                 block_size: n.info.block_size,
                                 num_blocks: n.info.num_blocks,
-                            },
+                            }),
+                            device: n.device.clone(),
                             chan,
                         }),
                         Err(e) => {

@@ -184,9 +184,10 @@ impl Controller {
     fn identify(&self, shared: &Shared, cns_v: u8, nsid: u32, csi: u8, subnqn: &str) -> Reply {
         let sub = self.subsys.as_deref();
         let ns_of = |nsid: u32| sub.and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
+        // The device's live size: a namespace may have grown online.
         let ident = |n: &super::Namespace| id::NamespaceIdentity {
             block_size: n.info.block_size,
-            num_blocks: n.info.num_blocks,
+            num_blocks: n.device.info().num_blocks,
             uuid: *n.uuid.as_bytes(),
             dealloc_reads_zeroes: n.info.dealloc_reads_zeroes,
             write_protected: false,
