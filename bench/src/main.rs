@@ -394,11 +394,11 @@ writes suite.md, suite.json and suite.png into DIR.
   --quick             tiny runs, one round: checks the suite works (CI)
   --out DIR           output folder (default results/suite-UNIXTIME)
   --rounds N          rounds, alternating the setups (full: 3)
-  --runtime TIME      measured time per run (full: 4s, quick: 300ms)
-  --ramp TIME         warm-up per run (full: 1s, quick: 50ms)
+  --runtime TIME      measured time per run (full: 3s, quick: 300ms)
+  --ramp TIME         warm-up per run (full: 500ms, quick: 50ms)
   --numjobs N         load generator threads of the QD64 jobs (default 1)
   --iodepth N         queue depth of the QD64 jobs (default 64)
-  --size SIZE         bytes per device and replica (full: 1g, quick: 32m)
+  --size SIZE         bytes per device and replica (full: 512m, quick: 32m)
   --model PARAMS      the SSD model (default nvme,iops=20k; see cairn-bench --help)
   --setups LIST       comma-separated, from: ram shm-file disk-odirect model replica
                       replica-model nexus-1 nexus-2 nexus-3 nexus-1-model

@@ -258,16 +258,16 @@ impl SuiteOptions {
             runtime: if quick {
                 Duration::from_millis(300)
             } else {
-                Duration::from_secs(4)
+                Duration::from_secs(3)
             },
             ramp: if quick {
                 Duration::from_millis(50)
             } else {
-                Duration::from_secs(1)
+                Duration::from_millis(500)
             },
             numjobs: 1,
             iodepth: 64,
-            size: if quick { 32 << 20 } else { 1 << 30 },
+            size: if quick { 32 << 20 } else { 512 << 20 },
             model: default_model(),
             setups: Setup::defaults(),
             engine_cpus,
