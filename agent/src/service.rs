@@ -130,6 +130,8 @@ impl ControlApi for ControlService {
             .create_volume(CreateVolume {
                 name: r.name,
                 size_bytes: r.size_bytes,
+                min_bytes: r.min_bytes,
+                max_bytes: r.max_bytes,
                 replicas: r.replicas,
                 thin: r.thin,
                 requisite,

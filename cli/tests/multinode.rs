@@ -178,6 +178,8 @@ async fn mirrored_volume_across_nodes_survives_a_lost_replica() {
         .create_volume(CreateVolume {
             name: "mirror".into(),
             size_bytes: 64 << 20,
+            min_bytes: 0,
+            max_bytes: 0,
             replicas: 2,
             thin: true,
             requisite: vec![

@@ -230,6 +230,9 @@ impl csi::controller_server::Controller for ControllerService {
         }
         let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
         let size = size_for(r.capacity_range.as_ref())?;
+        let (min_bytes, max_bytes) = r.capacity_range.as_ref().map_or((0, 0), |c| {
+            (c.required_bytes.max(0) as u64, c.limit_bytes.max(0) as u64)
+        });
         let topology = r
             .accessibility_requirements
             .as_ref()
@@ -242,6 +245,11 @@ impl csi::controller_server::Controller for ControllerService {
             .create_volume(apb::CreateVolumeRequest {
                 name: r.name,
                 size_bytes: size,
+                // A volume of this name whose size is in the requested
+                // range is this volume (CSI idempotency); with no range,
+                // any size is.
+                min_bytes: min_bytes.max(1),
+                max_bytes,
                 replicas: params.repl,
                 thin: params.thin,
                 topology,

@@ -52,6 +52,11 @@ impl Default for ControlConfig {
 pub struct CreateVolume {
     pub name: String,
     pub size_bytes: u64,
+    /// An existing volume of this name is the same volume when its size
+    /// lies in `[min_bytes, max_bytes]` (0: unbounded); both 0 means exactly
+    /// `size_bytes`.
+    pub min_bytes: u64,
+    pub max_bytes: u64,
     pub replicas: u32,
     pub thin: bool,
     pub requisite: Vec<Segment>,
@@ -271,10 +276,13 @@ impl Control {
                 )))
             }
             Some((v, _)) => {
-                if v.size_bytes != req.size_bytes
-                    || v.replicas_wanted != req.replicas
-                    || v.thin != req.thin
-                {
+                let fits = if req.min_bytes == 0 && req.max_bytes == 0 {
+                    v.size_bytes == req.size_bytes
+                } else {
+                    v.size_bytes >= req.min_bytes
+                        && (req.max_bytes == 0 || v.size_bytes <= req.max_bytes)
+                };
+                if !fits || v.replicas_wanted != req.replicas || v.thin != req.thin {
                     return Err(ControlError::AlreadyExists {
                         name: req.name,
                         existing: format!(

@@ -314,6 +314,8 @@ async fn volume(
             .create_volume(apb::CreateVolumeRequest {
                 name,
                 size_bytes: size,
+                min_bytes: 0,
+                max_bytes: 0,
                 replicas: repl,
                 thin: !thick,
                 topology: None,
