@@ -1,5 +1,6 @@
 //! Shared pieces of the `cairn` and `cairnctl` binaries.
 
+pub mod poolbench;
 pub mod system;
 pub mod table;
 

@@ -44,6 +44,31 @@ enum Cmd {
     /// Volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Benchmarks that need no running system.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// A pool replica against the raw file it lives on (4 KiB random
+    /// write and read), plus the cost of first writes that allocate.
+    Pool {
+        /// Directory for the files (repeatable; default: /dev/shm and /var/tmp).
+        #[arg(long = "dir")]
+        dirs: Vec<std::path::PathBuf>,
+        /// Bytes each job covers.
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        size: u64,
+        /// Measured time of each job, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        runtime: f64,
+        #[arg(long, default_value_t = 32)]
+        iodepth: u32,
+        /// Rounds (setups alternate within each; the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +116,13 @@ enum VolumeCmd {
 
 fn main() {
     let cli = Cli::parse();
+    if let Cmd::Bench(b) = &cli.cmd {
+        if let Err(e) = bench(b, cli.json) {
+            eprintln!("cairnctl: {}", cairn_cli::one_line(&e));
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -99,6 +131,44 @@ fn main() {
         eprintln!("cairnctl: {}", cairn_cli::one_line(&e));
         std::process::exit(1);
     }
+}
+
+fn bench(cmd: &BenchCmd, json: bool) -> anyhow::Result<()> {
+    let BenchCmd::Pool {
+        dirs,
+        size,
+        runtime,
+        iodepth,
+        rounds,
+    } = cmd;
+    let dirs = if dirs.is_empty() {
+        vec!["/dev/shm".into(), "/var/tmp".into()]
+    } else {
+        dirs.clone()
+    };
+    for d in &dirs {
+        anyhow::ensure!(d.is_dir(), "{} is not a directory", d.display());
+    }
+    anyhow::ensure!(
+        *runtime > 0.0 && runtime.is_finite(),
+        "--runtime must be positive"
+    );
+    let report = cairn_cli::poolbench::run(&cairn_cli::poolbench::PoolBench {
+        dirs,
+        size: *size,
+        runtime: std::time::Duration::from_secs_f64(*runtime),
+        iodepth: *iodepth,
+        rounds: (*rounds).max(1),
+    })?;
+    if json {
+        println!("{}", cairn_bench::to_json(&report.results)?);
+    } else {
+        println!("{}", report.table);
+        for r in &report.ratios {
+            println!("{r}");
+        }
+    }
+    Ok(())
 }
 
 async fn control(url: &str) -> anyhow::Result<apb::control_client::ControlClient<Channel>> {
@@ -267,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             t.print(cli.json);
         }
         Cmd::Volume(v) => volume(&mut ctl, v, cli.json).await?,
+        Cmd::Bench(_) => unreachable!("benchmarks run before connecting"),
     }
     Ok(())
 }
