@@ -18,14 +18,16 @@ summarise() {
 # run_setup NAME PORT NQN: connect to 10.0.2.2:PORT (the host's loopback),
 # run randread/randwrite/randrw at QD64 and randread at QD1, disconnect.
 run_setup() {
-    local name=$1 port=$2 nqn=$3 dev="" c ns
+    local name=$1 port=$2 nqn=$3 dev="" b n
     nvme connect -t tcp -a 10.0.2.2 -s "$port" -n "$nqn" >/dev/null
+    # The namespace's block device: the multipath head (nvmeXnY) or, without
+    # native multipath, the controller's; never a hidden path (nvmeXcYnZ).
     for _ in $(seq 100); do
-        for c in /sys/class/nvme/nvme*; do
-            [[ -e $c/subsysnqn && $(cat "$c/subsysnqn") == "$nqn" ]] || continue
-            for ns in "$c"/nvme*n1; do
-                if [[ -e $ns ]]; then dev=/dev/$(basename "$ns"); fi
-            done
+        for b in /sys/block/nvme*; do
+            n=$(basename "$b")
+            [[ $n == *c* ]] && continue
+            [[ -e $b/device/subsysnqn ]] || continue
+            if [[ $(cat "$b/device/subsysnqn") == "$nqn" ]]; then dev=/dev/$n; fi
         done
         if [[ -n $dev && -b $dev ]]; then break; fi
         dev=""
