@@ -432,6 +432,14 @@ impl SuiteReport {
                 s,
                 "- SPDK figures are published numbers from other runs, not measured here."
             );
+            let _ = writeln!(
+                s,
+                "- tmpfs files (the pools, `shm-file`): io_uring cannot read or write them \
+                 without blocking, so the kernel hands each such I/O to an io_uring worker \
+                 thread (`iou-wrk-*`): one more thread hop per I/O than an NVMe drive with \
+                 O_DIRECT would cost. Engine CPU includes the reactors' workers; bench CPU \
+                 (job threads only) does not include the load generator's."
+            );
         }
         s
     }
