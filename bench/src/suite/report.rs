@@ -276,6 +276,21 @@ impl SuiteReport {
             ));
         }
         for row in &self.rows {
+            let m = &row.median;
+            let bench_cores = m.cpu.job_threads_us_per_io * m.total.iops / 1e6;
+            let bench_cpus = match self.options.bench_cpus.len() {
+                0 => self.cpus,
+                n => n,
+            }
+            .min(m.spec.jobs as usize)
+            .max(1);
+            if row.job != Job::Qd1Read.label() && bench_cores > 0.85 * bench_cpus as f64 {
+                out.push(format!(
+                    "{} {}: the load generator kept {:.2} cores busy ({:.2} µs per I/O): it, \
+                     not what it drives, limits this row.",
+                    row.setup, row.job, bench_cores, m.cpu.job_threads_us_per_io
+                ));
+            }
             if row.job == Job::RandRead.label() {
                 if let Some(c) = row.engine_cores() {
                     if c > 0.85 * self.options.engine_cpus.len().max(1) as f64 {
