@@ -260,6 +260,16 @@ sum=$(sha256sum < "$A/blob" | cut -d' ' -f1)
 echo "$sum" > "$SHARE/blob.sha256"
 pass fs-write
 
+log "read-only publish into a third pod"
+R=/var/lib/kubelet/pods/pod-r/volumes/kubernetes.io~csi/fs/mount
+K publish --volume "$FS_VOL" --staging "$S" --target "$R" --fs ext4 --readonly $FS_CTX || die "read-only publish failed"
+findmnt -rn -o OPTIONS --mountpoint "$R" | tr , '\n' | grep -qx ro || die "$R is not mounted read-only"
+[ "$(cat "$R/hello.txt")" = "hello from pod a" ] || die "read-only pod cannot read"
+if touch "$R/nope" 2>/dev/null; then die "wrote through a read-only publish"; fi
+K unpublish --volume "$FS_VOL" --target "$R" || die "unpublish of the read-only pod failed"
+mounted "$R" && die "$R still mounted"
+pass fs-publish-readonly
+
 log "NodeGetVolumeStats"
 out=$(K stats --volume "$FS_VOL" --path "$A") || die "stats failed: $out"
 echo "$out"
@@ -426,6 +436,7 @@ fn vm_csi_node_lifecycle() -> Result<()> {
         "fs-stage-idempotent",
         "fs-publish",
         "fs-write",
+        "fs-publish-readonly",
         "fs-stats",
         "fs-expand",
         "fs-teardown",
