@@ -546,21 +546,42 @@ impl csi::controller_server::Controller for ControllerService {
         let range = r
             .capacity_range
             .ok_or_else(|| invalid("capacity_range is required"))?;
-        let size = size_for(Some(&range))?;
         let block = matches!(
             r.volume_capability
                 .as_ref()
                 .and_then(|c| c.access_type.as_ref()),
             Some(AccessType::Block(_))
         );
-        let vol = self
-            .agent()
-            .resize_volume(apb::ResizeVolumeRequest {
-                id: r.volume_id,
-                size_bytes: size,
+        let mut agent = self.agent();
+        let current = agent
+            .get_volume(apb::GetVolumeRequest {
+                id: r.volume_id.clone(),
             })
             .await?
             .into_inner();
+        // Volumes never shrink: a request that would make the volume
+        // smaller cannot be met (OUT_OF_RANGE); one for the current size is
+        // a retry and succeeds.
+        let size = size_for(Some(&range))?;
+        if size < current.size_bytes
+            || (range.limit_bytes > 0 && current.size_bytes > range.limit_bytes as u64)
+        {
+            return Err(Status::out_of_range(format!(
+                "volume is {} bytes and cannot shrink to {size}",
+                current.size_bytes
+            )));
+        }
+        let vol = if size == current.size_bytes {
+            current
+        } else {
+            agent
+                .resize_volume(apb::ResizeVolumeRequest {
+                    id: r.volume_id,
+                    size_bytes: size,
+                })
+                .await?
+                .into_inner()
+        };
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
             capacity_bytes: vol.size_bytes as i64,
             node_expansion_required: !block,

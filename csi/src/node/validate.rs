@@ -215,6 +215,13 @@ pub struct Publish {
 pub fn publish(r: &csi::NodePublishVolumeRequest) -> Result<Publish, NodeError> {
     let uuid = volume_uuid(&r.volume_id)?;
     let target_path = required_path("target_path", &r.target_path)?;
+    // This plugin stages (STAGE_UNSTAGE_VOLUME), so a publish without a
+    // staging path is out of order: FAILED_PRECONDITION per the spec.
+    if r.staging_target_path.is_empty() {
+        return Err(NodeError::FailedPrecondition(
+            "staging_target_path is not set: the volume must be staged first".into(),
+        ));
+    }
     let staging_path = required_path("staging_target_path", &r.staging_target_path)?;
     let capability = capability(
         r.volume_capability.as_ref(),
@@ -465,9 +472,10 @@ mod tests {
         let mut r = publish_req();
         r.target_path.clear();
         assert_eq!(code(publish(&r)), Code::InvalidArgument);
+        // Publishing before staging is out of order, not malformed.
         let mut r = publish_req();
         r.staging_target_path.clear();
-        assert_eq!(code(publish(&r)), Code::InvalidArgument);
+        assert_eq!(code(publish(&r)), Code::FailedPrecondition);
         let mut r = publish_req();
         r.volume_capability = None;
         assert_eq!(code(publish(&r)), Code::InvalidArgument);
