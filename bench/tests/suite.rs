@@ -68,7 +68,7 @@ fn quick_suite_writes_table_json_and_chart() {
         assert_eq!(m["errors"].as_u64(), Some(0), "{r}");
         let engine = m["cpu"]["watched_us_per_io"].as_f64();
         let setup = r["setup"].as_str().unwrap();
-        if setup.starts_with("nexus") || setup.starts_with("replica") {
+        if setup.starts_with("nexus") || setup.starts_with("replica") || setup == "ram-nvmf" {
             assert!(engine.is_some_and(|v| v > 0.0), "{r}");
         } else {
             assert!(engine.is_none(), "{r}");

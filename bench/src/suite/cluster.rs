@@ -44,6 +44,9 @@ pub struct Node {
     pub model: Arc<dyn BlockDevice>,
     pub replica_nqn: String,
     pub model_nqn: String,
+    /// A RAM device exported alone: the target's own cost, no pool.
+    pub ram: Arc<dyn BlockDevice>,
+    pub ram_nqn: String,
     _pool: Arc<Pool>,
 }
 
@@ -112,9 +115,13 @@ impl Node {
         let muuid = Uuid::new_v5(&ruuid, b"model");
         let replica_nqn = format!("nqn.2024-01.dev.cairn:replica:{ruuid}");
         let model_nqn = format!("nqn.2024-01.dev.cairn:replica:{muuid}");
+        let ram_uuid = Uuid::new_v5(&ruuid, b"ram");
+        let ram_nqn = format!("nqn.2024-01.dev.cairn:replica:{ram_uuid}");
+        let ram: Arc<dyn BlockDevice> = Arc::new(cairn_bdev::ram::RamDevice::new(512, size / 512));
         for (nqn, uuid, dev) in [
             (&replica_nqn, ruuid, replica.clone()),
             (&model_nqn, muuid, model.clone()),
+            (&ram_nqn, ram_uuid, ram.clone()),
         ] {
             export(&target, nqn, uuid, dev)?;
         }
@@ -126,6 +133,8 @@ impl Node {
             model,
             replica_nqn,
             model_nqn,
+            ram,
+            ram_nqn,
             _pool: pool,
         })
     }

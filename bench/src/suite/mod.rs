@@ -60,6 +60,8 @@ pub enum Setup {
     DiskFile,
     /// The SSD model over a RAM device, directly.
     Model,
+    /// A RAM device exported alone over NVMe-oF: the target's own cost.
+    RamNvmf,
     /// A pool replica (pool on tmpfs) exported alone over NVMe-oF.
     Replica,
     /// The same behind the SSD model.
@@ -78,6 +80,7 @@ impl Setup {
             Setup::ShmFile,
             Setup::DiskFile,
             Setup::Model,
+            Setup::RamNvmf,
             Setup::Replica,
             Setup::Nexus(1),
             Setup::NexusModel(1),
@@ -109,6 +112,7 @@ impl Setup {
             Setup::ShmFile => "file on tmpfs (/dev/shm), driven directly".into(),
             Setup::DiskFile => "file on disk with O_DIRECT, driven directly".into(),
             Setup::Model => "SSD model over RAM, driven directly".into(),
+            Setup::RamNvmf => "RAM device exported alone over NVMe-oF/TCP (the target's own cost)".into(),
             Setup::Replica => {
                 "pool replica (pool on tmpfs) exported alone over NVMe-oF/TCP".into()
             }
@@ -140,6 +144,7 @@ impl fmt::Display for Setup {
             Setup::ShmFile => f.write_str("shm-file"),
             Setup::DiskFile => f.write_str("disk-odirect"),
             Setup::Model => f.write_str("model"),
+            Setup::RamNvmf => f.write_str("ram-nvmf"),
             Setup::Replica => f.write_str("replica"),
             Setup::ReplicaModel => f.write_str("replica-model"),
             Setup::Nexus(n) => write!(f, "nexus-{n}"),
@@ -157,6 +162,7 @@ impl FromStr for Setup {
             "shm-file" | "shm" => Setup::ShmFile,
             "disk-odirect" | "disk" => Setup::DiskFile,
             "model" => Setup::Model,
+            "ram-nvmf" => Setup::RamNvmf,
             "replica" => Setup::Replica,
             "replica-model" => Setup::ReplicaModel,
             _ => {
@@ -333,6 +339,7 @@ pub fn export_setups(opts: &SuiteOptions) -> anyhow::Result<(Cluster, Vec<Export
         let n1 = &c.nodes[0];
         let addr = n1.addr();
         let nqn = match setup {
+            Setup::RamNvmf => n1.ram_nqn.clone(),
             Setup::Replica => n1.replica_nqn.clone(),
             Setup::ReplicaModel => n1.model_nqn.clone(),
             Setup::Nexus(n) => c.add_volume(n.into(), false, opts.size, queues)?,
@@ -571,10 +578,15 @@ fn open_setup(
             )),
             Vec::new(),
         ),
-        Setup::Replica | Setup::ReplicaModel | Setup::Nexus(_) | Setup::NexusModel(_) => {
+        Setup::RamNvmf
+        | Setup::Replica
+        | Setup::ReplicaModel
+        | Setup::Nexus(_)
+        | Setup::NexusModel(_) => {
             let c = cluster.context("no engine started")?;
             let n1 = &c.nodes[0];
             let (addr, nqn) = match setup {
+                Setup::RamNvmf => (n1.addr(), n1.ram_nqn.clone()),
                 Setup::Replica => (n1.addr(), n1.replica_nqn.clone()),
                 Setup::ReplicaModel => (n1.addr(), n1.model_nqn.clone()),
                 Setup::Nexus(n) => (n1.addr(), c.add_volume(n.into(), false, opts.size, queues)?),
@@ -610,6 +622,9 @@ fn prefill(
     if let Some(c) = cluster {
         for n in &c.nodes {
             devs.push((format!("replica of node {}", n.index), n.replica.clone()));
+        }
+        if targets.iter().any(|t| t.setup == Setup::RamNvmf) {
+            devs.push(("RAM device of node 1".into(), c.nodes[0].ram.clone()));
         }
     }
     let t0 = Instant::now();

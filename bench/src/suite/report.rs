@@ -207,7 +207,7 @@ impl SuiteReport {
             }
         }
         // Absolute targets, on the fastest engine setups.
-        for setup in [Setup::Replica, Setup::Nexus(1)] {
+        for setup in [Setup::RamNvmf, Setup::Replica, Setup::Nexus(1)] {
             if let Some(v) = self.iops(setup, Job::RandRead) {
                 out.push(Ratio {
                     what: format!("{setup} randread IOPS at QD64 (Cairn target)"),
