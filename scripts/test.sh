@@ -39,6 +39,7 @@ nvmf/fuzz/run.sh "${CAIRN_FUZZ_SECS:-60}"
 step "benchmark smoke runs (they check the benchmarks work, not speed)"
 target/release/cairn-bench --ram 256m --rw randread --bs 4k --iodepth 16 --runtime 1s
 target/release/cairnctl bench pool --dir /dev/shm --size 64M --runtime 0.3 --rounds 1
+target/release/cairn-bench suite --quick --out "$(mktemp -d)"
 
 step "cargo test --workspace"
 cargo test --workspace --locked
