@@ -4,7 +4,8 @@
 //! ```no_run
 //! # async fn f() -> Result<(), tonic::transport::Error> {
 //! let mut csi = cairn_sanity_tests::csi::CsiClients::connect("/run/csi.sock").await?;
-//! let info = csi.identity.get_plugin_info(Default::default()).await;
+//! let request = cairn_proto::csi::v1::GetPluginInfoRequest {};
+//! let info = csi.identity.get_plugin_info(request).await;
 //! # Ok(()) }
 //! ```
 
