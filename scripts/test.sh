@@ -42,4 +42,4 @@ target/release/cairnctl bench pool --dir /dev/shm --size 64M --runtime 0.3 --rou
 target/release/cairn-bench suite --quick --out "$(mktemp -d)"
 
 step "cargo test --workspace"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
