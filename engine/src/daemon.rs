@@ -36,9 +36,50 @@ impl EngineConfig {
     }
 }
 
+/// File descriptors the engine wants: one per NVMe queue (host connection),
+/// per device channel and per pool, with room to spare.
+pub const MIN_OPEN_FILES: u64 = 4096;
+
+/// Raises the soft open-file limit to the hard one and checks it is at least
+/// `min`; a lower hard limit is a clear start-up error, not a failure later
+/// under load.
+pub fn ensure_open_files(min: u64) -> Result<u64, EngineError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(EngineError::Io {
+            op: "getrlimit(RLIMIT_NOFILE)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit through a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < min {
+        return Err(EngineError::InvalidArgument(format!(
+            "the open-file limit is {} and cannot be raised to the {min} the engine needs \
+             (one descriptor per NVMe queue and device channel); raise it with \
+             `ulimit -n` or the container's nofile limit",
+            lim.rlim_cur
+        )));
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Starts the target and imports the configured pools. A pool that fails to
 /// import is an error: the engine never starts half-configured.
 pub fn start(cfg: &EngineConfig, remote: Box<RemoteOpener>) -> Result<Arc<Engine>, EngineError> {
+    ensure_open_files(MIN_OPEN_FILES)?;
     let target = Target::start(TargetConfig {
         listen: cfg.nvmf_listen,
         reactors: cfg.reactors.max(1),
@@ -66,4 +107,19 @@ pub fn remote_opener(host_nqn: String) -> Box<RemoteOpener> {
         let dev = NvmfDevice::connect(opts).map_err(|e| e.to_string())?;
         Ok(Arc::new(dev) as Arc<dyn cairn_bdev::BlockDevice>)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_file_limit_is_raised_and_checked() {
+        let got = ensure_open_files(1).unwrap();
+        assert!(got >= 1);
+        if got < u64::MAX {
+            let err = ensure_open_files(got + 1).unwrap_err();
+            assert!(err.to_string().contains("open-file limit"), "{err}");
+        }
+    }
 }

@@ -18,6 +18,33 @@ pub const REQUIRED_PROGRAMS: &[&str] = &[
     "xfs_growfs",
 ];
 
+/// Open files the node plugin wants (mount points, device nodes, children).
+pub const MIN_OPEN_FILES: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one; returns the limit if it
+/// is still below `min`.
+fn open_files_short(min: u64) -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit through a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    (lim.rlim_cur < min).then_some(lim.rlim_cur)
+}
+
 /// What is missing on this host, as a one-line error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("node plugin cannot start, missing: {}", missing.join("; "))]
@@ -72,6 +99,11 @@ pub fn check_host_with(sysfs: &Path, path_var: &str) -> Result<(), HostCheckErro
             "kernel module nvme_tcp (not loaded under /sys/module and `modprobe --dry-run nvme-tcp` fails)"
                 .into(),
         );
+    }
+    if let Some(limit) = open_files_short(MIN_OPEN_FILES) {
+        missing.push(format!(
+            "open files: the limit is {limit} and cannot be raised to {MIN_OPEN_FILES}"
+        ));
     }
     if missing.is_empty() {
         Ok(())
