@@ -83,6 +83,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Opens a channel for I/O from the calling thread. Call it on the reactor
     /// that will use the channel; io_uring backends bind to that reactor.
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError>;
+
+    /// Re-reads the device's geometry where it can change underneath (a
+    /// remote namespace that grew). May block; call it from a control
+    /// thread. Local devices know their size already.
+    fn refresh(&self) -> Result<(), BdevError> {
+        Ok(())
+    }
 }
 
 /// The I/O path of a device on one thread. Offsets are in logical blocks; the

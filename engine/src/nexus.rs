@@ -123,6 +123,10 @@ impl Nexus {
     /// much. Open channels see the new size at once.
     pub fn resize(&self, size_bytes: u64) -> Result<(), NexusError> {
         for c in self.children.iter() {
+            // A remote child learns its new size by asking again.
+            if let Err(e) = c.device.refresh() {
+                tracing::warn!(child = %c.uri, error = %e, "refreshing a child's size failed");
+            }
             let got = c.device.info().size_bytes();
             if got < size_bytes {
                 return Err(NexusError::TooSmall {

@@ -86,3 +86,60 @@ fn nexus_grows_online_while_published() {
     client.shutdown();
     target.shutdown();
 }
+
+/// A nexus whose child is remote (reached through the initiator) grows once
+/// the remote volume has: the child is asked for its size again.
+#[test]
+fn nexus_with_a_remote_child_grows_after_it() {
+    let target = Target::start(TargetConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reactors: 1,
+        ..TargetConfig::default()
+    })
+    .unwrap();
+    // The remote side: a 1 MiB volume over 4 MiB of RAM, exported.
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(512, 8192));
+    let remote = Arc::new(Nexus::new(1 << 20, vec![("ram".into(), ram)]).unwrap());
+    let uuid = Uuid::new_v4();
+    let nqn = cairn_nvmf::replica_nqn(&uuid);
+    target
+        .add_subsystem(SubsystemConfig {
+            nqn: nqn.clone(),
+            serial: "remote".into(),
+            model: None,
+            namespaces: vec![NamespaceConfig {
+                nsid: 1,
+                uuid,
+                device: remote.clone(),
+            }],
+            allowed_hosts: None,
+        })
+        .unwrap();
+    let mut o = InitiatorOptions::new(target.local_addr(), &nqn, HOST);
+    o.io_queues = 1;
+    let child = NvmfDevice::connect(o).unwrap();
+    let local = Nexus::new(
+        1 << 20,
+        vec![("nvmf://remote".into(), Arc::new(child.clone()))],
+    )
+    .unwrap();
+    assert!(
+        local.resize(4 << 20).is_err(),
+        "the child has not grown yet"
+    );
+    remote.resize(4 << 20).unwrap();
+    local.resize(4 << 20).unwrap();
+    assert_eq!(local.info().num_blocks, 8192);
+    let client = Reactors::start(1, "client").unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(local);
+    client
+        .run(0, move || async move {
+            let q = dev.open_channel().unwrap();
+            let (r, _) = q.write(8000, IoBuf::from_slice(&[7; 4096]), false).await;
+            r.unwrap();
+        })
+        .unwrap();
+    child.disconnect();
+    client.shutdown();
+    target.shutdown();
+}

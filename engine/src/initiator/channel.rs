@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -46,7 +47,8 @@ pub(crate) struct Queue {
     qid: u16,
     nsid: u32,
     block_size: u32,
-    num_blocks: u64,
+    /// The namespace's live size, shared with the device.
+    num_blocks: Arc<AtomicU64>,
     max_incapsule: usize,
     maxh2cdata: usize,
     max_transfer: usize,
@@ -450,7 +452,7 @@ pub(crate) struct QueueParts {
     pub qid: u16,
     pub nsid: u32,
     pub block_size: u32,
-    pub num_blocks: u64,
+    pub num_blocks: Arc<AtomicU64>,
     pub depth: u16,
     pub max_incapsule: usize,
     pub maxh2cdata: usize,
@@ -563,11 +565,11 @@ impl NvmfChannel {
 
     fn check(&self, lba: u64, blocks: u64) -> Result<(), BdevError> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= self.queue().num_blocks => Ok(()),
+            Some(end) if end <= self.queue().num_blocks.load(AtomicOrdering::Acquire) => Ok(()),
             _ => Err(BdevError::OutOfRange {
                 lba,
                 blocks,
-                capacity: self.queue().num_blocks,
+                capacity: self.queue().num_blocks.load(AtomicOrdering::Acquire),
             }),
         }
     }
@@ -605,7 +607,13 @@ impl NvmfChannel {
     ) -> Result<(), BdevError> {
         let (r, _) = self.queue().submit(sqe, None, false).await;
         let cqe = r?;
-        status_error(cqe.status, op_name, lba, blocks, self.queue().num_blocks)
+        status_error(
+            cqe.status,
+            op_name,
+            lba,
+            blocks,
+            self.queue().num_blocks.load(AtomicOrdering::Acquire),
+        )
     }
 
     async fn zeroes(&self, mut lba: u64, blocks: u64) -> Result<(), BdevError> {
@@ -660,7 +668,7 @@ impl NvmfChannel {
                 "deallocate",
                 first,
                 lba - first,
-                self.queue().num_blocks,
+                self.queue().num_blocks.load(AtomicOrdering::Acquire),
             )?;
         }
         Ok(())
@@ -685,8 +693,15 @@ impl IoChannel for NvmfChannel {
             let fallback_len = buf.len();
             let (r, b) = self.queue().submit(sqe, Some(buf), false).await;
             let b = b.unwrap_or_else(|| IoBuf::zeroed(fallback_len));
-            let r = r
-                .and_then(|c| status_error(c.status, "read", lba, blocks, self.queue().num_blocks));
+            let r = r.and_then(|c| {
+                status_error(
+                    c.status,
+                    "read",
+                    lba,
+                    blocks,
+                    self.queue().num_blocks.load(AtomicOrdering::Acquire),
+                )
+            });
             (r, b)
         })
     }
@@ -702,7 +717,13 @@ impl IoChannel for NvmfChannel {
             let (r, b) = self.queue().submit(sqe, Some(buf), true).await;
             let b = b.unwrap_or_else(|| IoBuf::zeroed(fallback_len));
             let r = r.and_then(|c| {
-                status_error(c.status, "write", lba, blocks, self.queue().num_blocks)
+                status_error(
+                    c.status,
+                    "write",
+                    lba,
+                    blocks,
+                    self.queue().num_blocks.load(AtomicOrdering::Acquire),
+                )
             });
             (r, b)
         })

@@ -166,7 +166,11 @@ struct Admin {
 
 pub(crate) struct DevInner {
     opts: InitiatorOptions,
+    /// Geometry at connect; `num_blocks` below is the live size.
     info: DeviceInfo,
+    /// Namespace size in blocks, shared with the I/O queues and updated by
+    /// [`NvmfDevice::rescan`].
+    num_blocks: Arc<std::sync::atomic::AtomicU64>,
     uuid: Option<Uuid>,
     admin: Mutex<Admin>,
     used_qids: Mutex<Vec<u16>>,
@@ -276,7 +280,7 @@ impl DevInner {
             qid,
             nsid: opts.nsid,
             block_size: self.info.block_size,
-            num_blocks: self.info.num_blocks,
+            num_blocks: self.num_blocks.clone(),
             depth,
             max_incapsule: (ioccsz as usize * 16).saturating_sub(64),
             maxh2cdata: maxh2cdata as usize,
@@ -441,6 +445,7 @@ impl NvmfDevice {
         };
         let inner = Arc::new(DevInner {
             opts,
+            num_blocks: Arc::new(std::sync::atomic::AtomicU64::new(info.num_blocks)),
             info,
             uuid,
             admin: Mutex::new(admin),
@@ -506,6 +511,21 @@ impl NvmfDevice {
         data_in: usize,
     ) -> Result<(u64, Vec<u8>), InitiatorError> {
         self.inner.admin_cmd(sqe, data_in, "admin command")
+    }
+
+    /// Identifies the namespace again and takes its current size (after the
+    /// remote volume grew); returns it in blocks. Blocks on the admin queue.
+    pub fn rescan(&self) -> Result<u64, InitiatorError> {
+        let nsid = self.inner.opts.nsid;
+        let (_, ns) = self
+            .inner
+            .admin_cmd(identify_sqe(cns::NAMESPACE, nsid), 4096, "identify")?;
+        let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or_default());
+        if nsze == 0 {
+            return Err(InitiatorError::NoNamespace { nsid });
+        }
+        self.inner.num_blocks.store(nsze, Ordering::Release);
+        Ok(nsze)
     }
 
     /// Reads `len` bytes of log page `lid` from byte `offset`.
@@ -600,8 +620,19 @@ fn find_uuid(d: &[u8]) -> Option<Uuid> {
 }
 
 impl BlockDevice for NvmfDevice {
+    fn refresh(&self) -> Result<(), BdevError> {
+        self.rescan()
+            .map(|_| ())
+            .map_err(|e| BdevError::Unavailable {
+                reason: format!("rescanning the namespace: {e}"),
+            })
+    }
+
     fn info(&self) -> DeviceInfo {
-        self.inner.info.clone()
+        DeviceInfo {
+            num_blocks: self.inner.num_blocks.load(Ordering::Acquire),
+            ..self.inner.info.clone()
+        }
     }
 
     /// Opens a new I/O queue owned by the calling reactor (must be called on
