@@ -45,6 +45,10 @@ pub struct SystemConfig {
     pub host_nqn: Option<String>,
     /// Seconds between node heartbeats.
     pub heartbeat: Duration,
+    /// Extra nodes that only hold replicas, each an engine of its own on
+    /// the next loopback address (127.0.0.2, ...) with a pool under
+    /// DATA_DIR/node-N: a local multi-node cluster for replicated volumes.
+    pub replica_nodes: u8,
 }
 
 impl SystemConfig {
@@ -61,6 +65,7 @@ impl SystemConfig {
             node_id: None,
             host_nqn: None,
             heartbeat: Duration::from_secs(5),
+            replica_nodes: 0,
         }
     }
 
@@ -81,9 +86,11 @@ impl SystemConfig {
 pub struct System {
     rt: tokio::runtime::Runtime,
     engine: Arc<Engine>,
+    /// Engines of the replica-only nodes.
+    extra: Vec<Arc<Engine>>,
     stop: tokio::sync::watch::Sender<bool>,
     servers: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    registrar: tokio::task::JoinHandle<anyhow::Result<()>>,
+    registrars: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _lock: std::fs::File,
     pub data_dir: PathBuf,
     pub node_id: String,
@@ -177,6 +184,17 @@ impl System {
             engine.shutdown();
             return Err(e).with_context(|| format!("opening the pool on {}", pool_path.display()));
         }
+        let mut extra = Vec::new();
+        for k in 1..=cfg.replica_nodes {
+            match start_replica_node(&cfg, &data_dir, k) {
+                Ok(e) => extra.push(e),
+                Err(e) => {
+                    engine.shutdown();
+                    extra.iter().for_each(|x| x.shutdown());
+                    return Err(e);
+                }
+            }
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cairn-control")
@@ -193,11 +211,13 @@ impl System {
             agent_listen: cfg.agent_listen,
             csi_socket: csi_socket.clone(),
             heartbeat: cfg.heartbeat,
+            extra: extra.clone(),
         }));
         let s = match started {
             Ok(s) => s,
             Err(e) => {
                 engine.shutdown();
+                extra.iter().for_each(|x| x.shutdown());
                 return Err(e);
             }
         };
@@ -205,9 +225,10 @@ impl System {
             nvmf_addr: engine.target().local_addr(),
             rt,
             engine,
+            extra,
             stop: s.stop,
             servers: Some(s.servers),
-            registrar: s.registrar,
+            registrars: s.registrars,
             _lock: lock,
             data_dir,
             node_id,
@@ -311,11 +332,49 @@ impl System {
             .register_node(&record)
             .await
             .context("registering the node")?;
-        let registrar = tokio::spawn(cairn_agent::node::run(node, control));
+        let mut registrars = vec![tokio::spawn(cairn_agent::node::run(node, control.clone()))];
+        for (i, e) in a.extra.iter().enumerate() {
+            let k = i + 1;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding a replica node's engine API")?;
+            let endpoint = format!("http://{}", listener.local_addr()?);
+            let srv = tonic::transport::Server::builder()
+                .add_service(EngineService::new(e.clone()).server())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stopped(stop_tx.subscribe()),
+                );
+            tokio::spawn(srv);
+            let id = format!("{}-{k}", a.node_id);
+            let node = NodeConfig {
+                node_id: id.clone(),
+                node_address: None,
+                engine_endpoint: endpoint,
+                // Replica-only nodes attach no volumes; their host NQN is
+                // only an identity.
+                host_nqn: format!("nqn.2024-01.dev.cairn:node:{id}"),
+                topology: BTreeMap::from([(cairn_csi::node::TOPOLOGY_NODE_KEY.to_owned(), id)]),
+                pools: vec![],
+                heartbeat: a.heartbeat,
+            };
+            let mut client = cairn_proto::engine::v1::engine_client::EngineClient::new(
+                tonic::transport::Endpoint::from_shared(node.engine_endpoint.clone())?
+                    .connect_lazy(),
+            );
+            let record = cairn_agent::node::node_record(&mut client, &node)
+                .await
+                .context("reading a replica node's engine")?;
+            control
+                .register_node(&record)
+                .await
+                .context("registering a replica node")?;
+            registrars.push(tokio::spawn(cairn_agent::node::run(node, control.clone())));
+        }
         Ok(Spawned {
             stop: stop_tx,
             servers,
-            registrar,
+            registrars,
             agent_endpoint,
             engine_endpoint,
         })
@@ -348,7 +407,7 @@ impl System {
     /// Stops every server, unpublishes everything and closes the pool.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.registrar.abort();
+        self.registrars.iter().for_each(|r| r.abort());
         let result = match self.servers.take() {
             Some(s) if !s.is_finished() => self
                 .rt
@@ -358,9 +417,48 @@ impl System {
             _ => Ok(()),
         };
         self.engine.shutdown();
+        self.extra.iter().for_each(|e| e.shutdown());
         let _ = std::fs::remove_file(&self.csi_socket);
         result
     }
+}
+
+/// Starts replica-only node `k`: an engine on the k-th next loopback
+/// address with a pool under DATA_DIR/node-k.
+fn start_replica_node(cfg: &SystemConfig, data_dir: &Path, k: u8) -> anyhow::Result<Arc<Engine>> {
+    let ip = match cfg.nvmf_listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => {
+            let o = v4.octets();
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                o[0],
+                o[1],
+                o[2],
+                o[3].wrapping_add(k),
+            ))
+        }
+        other => other,
+    };
+    let engine_cfg = EngineConfig {
+        nvmf_listen: SocketAddr::new(ip, 0),
+        reactors: 1,
+        max_io_queues: 8,
+        host_nqn: format!("{}-{k}", EngineConfig::default_host_nqn()),
+        pools: vec![],
+    };
+    let engine = daemon::start(
+        &engine_cfg,
+        daemon::remote_opener(engine_cfg.host_nqn.clone()),
+    )
+    .with_context(|| format!("starting replica node {k}"))?;
+    let dir = data_dir.join(format!("node-{k}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pool_path = dir.join("pool0.img");
+    let size = if pool_path.exists() { 0 } else { cfg.pool_size };
+    if let Err(e) = engine.create_pool(POOL_NAME, &pool_path, size, 0) {
+        engine.shutdown();
+        return Err(e).with_context(|| format!("opening the pool on {}", pool_path.display()));
+    }
+    Ok(engine)
 }
 
 struct Bind {
@@ -373,12 +471,13 @@ struct Bind {
     agent_listen: SocketAddr,
     csi_socket: PathBuf,
     heartbeat: Duration,
+    extra: Vec<Arc<Engine>>,
 }
 
 struct Spawned {
     stop: tokio::sync::watch::Sender<bool>,
     servers: tokio::task::JoinHandle<anyhow::Result<()>>,
-    registrar: tokio::task::JoinHandle<anyhow::Result<()>>,
+    registrars: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     agent_endpoint: String,
     engine_endpoint: String,
 }

@@ -213,3 +213,43 @@ fn cairn_stops_cleanly_and_finds_its_volumes_again() {
     }
     stop(child);
 }
+
+#[test]
+fn replica_nodes_hold_the_other_replicas_of_a_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = System::start(SystemConfig {
+        pool_size: 256 << 20,
+        replica_nodes: 2,
+        ..SystemConfig::ephemeral(dir.path().to_owned())
+    })
+    .unwrap();
+    let agent = sys.agent_endpoint.clone();
+    let out = cairnctl(&agent, &["--json", "node", "list"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 3, "{nodes}");
+    let out = cairnctl(
+        &agent,
+        &[
+            "--json", "volume", "create", "triple", "--size", "32M", "--repl", "3",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = v[0]["id"].as_str().unwrap().to_owned();
+    let out = cairnctl(&agent, &["volume", "publish", &id, "--node", &sys.node_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cairnctl(&agent, &["--json", "nexus", "list"]);
+    let nx: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let children = nx[0]["children"].as_str().unwrap().to_owned();
+    assert_eq!(children.matches("(healthy)").count(), 3, "{children}");
+    assert_eq!(children.matches("nvmf://127.0.0.").count(), 2, "{children}");
+    sys.stop().unwrap();
+}

@@ -1,6 +1,8 @@
 //! Cairn's CSI driver end to end on a real kernel, the way kubelet drives
-//! it: the host runs a whole single-node Cairn (engine, agent, controller)
-//! and acts as the external provisioner and attacher (CreateVolume,
+//! it: the host runs Cairn (engine, agent, controller, and a second node on
+//! 127.0.0.2, so every volume has two replicas and its nexus reaches one of
+//! them through Cairn's own initiator) and acts as the external provisioner
+//! and attacher (CreateVolume,
 //! ControllerPublishVolume); the Debian 12 guest (kernel 6.1) runs
 //! `cairn-csi --mode node` and `csi-kubelet`, which stages the volume
 //! (`nvme connect` to the host's target at 10.0.2.2, mkfs, mount),
@@ -81,6 +83,9 @@ impl Host {
         cfg.pool_size = 2 << 30;
         cfg.node_id = Some(NODE.into());
         cfg.host_nqn = Some(host_nqn.into());
+        // A second node on 127.0.0.2 holds each volume's other replica; the
+        // nexus on the VM's node reaches it through Cairn's initiator.
+        cfg.replica_nodes = 1;
         let sys = System::start(cfg).context("starting the system")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -104,8 +109,9 @@ impl Host {
         cap: csi::VolumeCapability,
     ) -> Result<(String, Vec<(String, String)>)> {
         let mut ctl = self.csi.controller.clone();
+        let agent_endpoint = self.sys.agent_endpoint.clone();
         self.rt.block_on(async move {
-            let mut req = create_request(name, bytes, &[("nrIoQueues", "2")]);
+            let mut req = create_request(name, bytes, &[("nrIoQueues", "2"), ("repl", "2")]);
             req.volume_capabilities = vec![cap.clone()];
             let vol = ctl
                 .create_volume(req)
@@ -113,6 +119,20 @@ impl Host {
                 .into_inner()
                 .volume
                 .context("no volume")?;
+            let mut agent = cairn_proto::agent::v1::control_client::ControlClient::connect(
+                agent_endpoint.clone(),
+            )
+            .await?;
+            let placed = agent
+                .get_volume(cairn_proto::agent::v1::GetVolumeRequest {
+                    id: vol.volume_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut nodes: Vec<&str> = placed.replicas.iter().map(|r| r.node.as_str()).collect();
+            nodes.sort();
+            nodes.dedup();
+            ensure!(nodes.len() == 2, "replicas on {nodes:?}, want two nodes");
             let pc = ctl
                 .controller_publish_volume(csi::ControllerPublishVolumeRequest {
                     volume_id: vol.volume_id.clone(),

@@ -43,6 +43,10 @@ struct Args {
     /// generated and kept in the data directory).
     #[arg(long)]
     host_nqn: Option<String>,
+    /// Also run this many replica-only nodes on the next loopback
+    /// addresses (127.0.0.2, ...), for volumes with several replicas.
+    #[arg(long, default_value_t = 0)]
+    replica_nodes: u8,
 }
 
 fn main() {
@@ -84,6 +88,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         reactors: args.reactors,
         node_id: args.node_id,
         host_nqn: args.host_nqn,
+        replica_nodes: args.replica_nodes,
         ..SystemConfig::new(data_dir)
     })?;
     if let Err(e) = cairn_csi::node::preflight::check_host() {
