@@ -47,9 +47,19 @@ where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    with_nodes(0, body)
+}
+
+/// Like [`with_system`], with `replica_nodes` more nodes in the cluster.
+fn with_nodes<F, Fut>(replica_nodes: u8, body: F) -> Result<()>
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
     let dir = tempfile::tempdir().context("tempdir")?;
     let mut cfg = SystemConfig::ephemeral(dir.path().to_path_buf());
     cfg.pool_size = 1 << 30;
+    cfg.replica_nodes = replica_nodes;
     cfg.node_id = Some(NODE.into());
     cfg.host_nqn = Some(format!(
         "nqn.2014-08.org.nvmexpress:uuid:{}",
@@ -1673,5 +1683,38 @@ fn create_volume_from_a_source_is_invalid() -> Result<()> {
         let (vols, _) = backend_state(&ctx).await?;
         ensure!(vols.is_empty(), "{vols:?}");
         Ok(())
+    })
+}
+
+/// A single-writer volume published on one node cannot be published on
+/// another: FAILED_PRECONDITION ("Volume published to another node").
+#[test]
+fn publish_to_a_second_node_is_failed_precondition() -> Result<()> {
+    with_nodes(1, |ctx| async move {
+        let v = create(
+            &ctx,
+            create_request("two-nodes", 16 * MIB, &[("repl", "2")]),
+        )
+        .await?;
+        let other = format!("{}-1", ctx.node_id);
+        let mut ctl = ctx.csi.controller.clone();
+        ctl.controller_publish_volume(publish_req(&v.volume_id, &ctx.node_id))
+            .await
+            .context("first publish")?;
+        let second = ctl
+            .controller_publish_volume(publish_req(&v.volume_id, &other))
+            .await;
+        expect_code("publish on a second node", second, Code::FailedPrecondition)?;
+        // Once unpublished from the first node it may move.
+        ctl.controller_unpublish_volume(unpublish_req(&v.volume_id, &ctx.node_id))
+            .await
+            .context("unpublish")?;
+        ctl.controller_publish_volume(publish_req(&v.volume_id, &other))
+            .await
+            .context("publish after moving")?;
+        ctl.controller_unpublish_volume(unpublish_req(&v.volume_id, &other))
+            .await
+            .context("unpublish from the second node")?;
+        delete(&ctx, &v.volume_id).await
     })
 }
