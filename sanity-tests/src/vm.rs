@@ -371,3 +371,26 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.path);
     }
 }
+
+/// Checks a guest script that prints `PASS <check>` after each step: it
+/// exited 0 and printed every one of `checks`; otherwise the error carries
+/// the guest's output and console log.
+pub fn ensure_passed(out: &VmOutput, checks: &[&str]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        out.status == 0,
+        "guest script exited {}:\n{}\n{}",
+        out.status,
+        out.output,
+        out.log
+    );
+    for c in checks {
+        anyhow::ensure!(
+            out.output
+                .lines()
+                .any(|l| l.trim_end() == format!("PASS {c}")),
+            "check {c} did not pass:\n{}",
+            out.output
+        );
+    }
+    Ok(())
+}

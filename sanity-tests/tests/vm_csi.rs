@@ -21,7 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cairn_cli::system::{System, SystemConfig};
 use cairn_proto::csi::v1 as csi;
 use cairn_sanity_tests::csi::{block_cap, create_request, ext4_rwo, range, CsiClients};
-use cairn_sanity_tests::vm::{target_dir, Vm, VmOutput, HOST_ADDR_FROM_GUEST};
+use cairn_sanity_tests::vm::{ensure_passed, target_dir, Vm, HOST_ADDR_FROM_GUEST};
 use csi::volume_capability::access_mode::Mode;
 
 const MIB: i64 = 1 << 20;
@@ -46,26 +46,6 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
     let csi = dir.join("cairn-csi");
     ensure!(csi.exists(), "{} missing after the build", csi.display());
     Ok((csi, kubelet))
-}
-
-fn ensure_passed(out: &VmOutput, checks: &[&str]) -> Result<()> {
-    ensure!(
-        out.status == 0,
-        "guest script exited {}:\n{}\n{}",
-        out.status,
-        out.output,
-        out.log
-    );
-    for c in checks {
-        ensure!(
-            out.output
-                .lines()
-                .any(|l| l.trim_end() == format!("PASS {c}")),
-            "check {c} did not pass:\n{}",
-            out.output
-        );
-    }
-    Ok(())
 }
 
 /// A running system with CSI clients on a client runtime.

@@ -12,31 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cairn_engine::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
-use cairn_sanity_tests::vm::{Vm, VmOutput};
+use cairn_sanity_tests::vm::{ensure_passed, Vm};
 use common::{sh_path, sh_vars, Backing, Fixture, HostId, Relay, GUEST_LIB, MIB};
 
 fn vm() -> Vm {
     Vm::new().cpus(2).mem_mib(1536).timeout_secs(300)
-}
-
-fn ensure_passed(out: &VmOutput, checks: &[&str]) -> Result<()> {
-    ensure!(
-        out.status == 0,
-        "guest script exited {}:\n{}\n{}",
-        out.status,
-        out.output,
-        out.log
-    );
-    for c in checks {
-        ensure!(
-            out.output
-                .lines()
-                .any(|l| l.trim_end() == format!("PASS {c}")),
-            "check {c} did not pass:\n{}",
-            out.output
-        );
-    }
-    Ok(())
 }
 
 /// Discovery, the allow-list, `nvme connect` with 2 I/O queues and digests
