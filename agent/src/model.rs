@@ -166,11 +166,6 @@ impl Record for VolumeSpec {
     }
 }
 
-/// NQN of the subsystem that publishes volume `id`.
-pub fn volume_nqn(id: &str) -> String {
-    format!("nqn.2024-01.dev.cairn:vol:{id}")
-}
-
 /// The namespace for deriving volume ids from CSI volume names.
 const VOLUME_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6361_6972_6e2d_766f_6c75_6d65_2d69_6473);

@@ -7,31 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cairn_bdev::BlockDevice;
+use cairn_nvmf::{replica_nqn, volume_nqn, volume_serial};
 use cairn_pool::{Pool, PoolCreate, PoolError, Replica, ReplicaCreate};
 use uuid::Uuid;
 
 use crate::nexus::{ChildState, Nexus, NexusError};
 use crate::target::{NamespaceConfig, SubsystemConfig, Target, TargetError};
-
-/// NQN prefix of subsystems that publish volumes (nexuses).
-pub const VOLUME_NQN_PREFIX: &str = "nqn.2024-01.dev.cairn:vol:";
-/// NQN prefix of subsystems that share single replicas.
-pub const REPLICA_NQN_PREFIX: &str = "nqn.2024-01.dev.cairn:replica:";
-
-/// The NQN that publishes volume `uuid`.
-pub fn volume_nqn(uuid: &Uuid) -> String {
-    format!("{VOLUME_NQN_PREFIX}{uuid}")
-}
-
-/// The NQN that shares replica `uuid`.
-pub fn replica_nqn(uuid: &Uuid) -> String {
-    format!("{REPLICA_NQN_PREFIX}{uuid}")
-}
-
-/// A 20-character serial number derived from a UUID.
-pub fn serial_for(uuid: &Uuid) -> String {
-    uuid.simple().to_string()[..20].to_owned()
-}
 
 /// Why an engine operation failed. Mapped to gRPC codes in one place
 /// (`crate::service`).
@@ -385,7 +366,7 @@ impl Engine {
         } else {
             self.target.add_subsystem(SubsystemConfig {
                 nqn,
-                serial: serial_for(&uuid),
+                serial: volume_serial(&uuid),
                 model: None,
                 namespaces: vec![NamespaceConfig {
                     nsid: 1,
@@ -474,7 +455,7 @@ impl Engine {
         let nqn = volume_nqn(&uuid);
         self.target.add_subsystem(SubsystemConfig {
             nqn: nqn.clone(),
-            serial: serial_for(&uuid),
+            serial: volume_serial(&uuid),
             model: None,
             namespaces: vec![NamespaceConfig {
                 nsid: 1,

@@ -10,7 +10,9 @@ use cairn_proto::engine::v1 as pb;
 use pb::engine_server::Engine as EngineApi;
 use tonic::{Code, Request, Response, Status};
 
-use crate::core::{replica_nqn, Engine, EngineError};
+use cairn_nvmf::replica_nqn;
+
+use crate::core::{Engine, EngineError};
 use crate::nexus::{ChildState, NexusError};
 use crate::target::TargetError;
 

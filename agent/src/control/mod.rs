@@ -20,8 +20,8 @@ use tonic::Code;
 
 use crate::error::ControlError;
 use crate::model::{
-    decode, encode, volume_id_for_name, volume_nqn, NodeRecord, Record, ReplicaSpec, TargetSpec,
-    VolumePhase, VolumeSpec,
+    decode, encode, volume_id_for_name, NodeRecord, Record, ReplicaSpec, TargetSpec, VolumePhase,
+    VolumeSpec,
 };
 use crate::store::Store;
 use placement::{place, PlacementRequest, Segment};
@@ -478,7 +478,6 @@ impl Control {
             .await
             .map_err(engine_err(&node.id))?
             .into_inner();
-        debug_assert_eq!(nexus.nqn, volume_nqn(&vol.id));
         Ok(nexus)
     }
 
