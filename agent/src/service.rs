@@ -240,4 +240,11 @@ impl ControlApi for ControlService {
             maximum_volume_size: largest,
         }))
     }
+
+    async fn record_nexus_health(
+        &self,
+        _r: Request<pb::RecordNexusHealthRequest>,
+    ) -> Result<Response<pb::RecordNexusHealthResponse>, Status> {
+        Err(Status::unimplemented("RecordNexusHealth"))
+    }
 }

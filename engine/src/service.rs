@@ -146,6 +146,7 @@ fn nexus_pb(engine: &Engine, uuid: &str) -> Result<pb::Nexus, EngineError> {
                         ChildState::Healthy => pb::ChildState::Healthy,
                         ChildState::Faulted => pb::ChildState::Faulted,
                     } as i32,
+                    ..Default::default()
                 })
                 .collect(),
             nqn: n.nqn.clone(),
@@ -365,5 +366,33 @@ impl EngineApi for EngineService {
             })
             .await?;
         Ok(Response::new(pb::ListNexusesResponse { nexuses }))
+    }
+
+    async fn add_child(
+        &self,
+        _r: Request<pb::AddChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        Err(Status::unimplemented("AddChild"))
+    }
+
+    async fn remove_child(
+        &self,
+        _r: Request<pb::RemoveChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        Err(Status::unimplemented("RemoveChild"))
+    }
+
+    async fn fault_child(
+        &self,
+        _r: Request<pb::FaultChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        Err(Status::unimplemented("FaultChild"))
+    }
+
+    async fn online_child(
+        &self,
+        _r: Request<pb::OnlineChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        Err(Status::unimplemented("OnlineChild"))
     }
 }
