@@ -11,7 +11,7 @@ use cairn_nvmf::{replica_nqn, volume_nqn, volume_serial};
 use cairn_pool::{Pool, PoolCreate, PoolError, Replica, ReplicaCreate};
 use uuid::Uuid;
 
-use crate::nexus::{ChildState, Nexus, NexusError};
+use crate::nexus::{rebuild, HealthRecorder, Nexus, NexusConfig, NexusError};
 use crate::target::{NamespaceConfig, SubsystemConfig, Target, TargetError};
 
 /// Why an engine operation failed. Mapped to gRPC codes in one place
@@ -51,8 +51,6 @@ pub struct NexusEntry {
     pub nexus: Arc<Nexus>,
     pub nqn: String,
     pub allowed_hosts: Vec<String>,
-    /// Child URIs, in creation order.
-    pub uris: Vec<String>,
 }
 
 /// Opens a remote child given as `nvmf://host:port/nqn`.
@@ -68,6 +66,8 @@ pub struct Engine {
     shares: Mutex<BTreeMap<Uuid, Vec<String>>>,
     nexuses: Mutex<BTreeMap<Uuid, NexusEntry>>,
     remote: Box<RemoteOpener>,
+    nexus_cfg: NexusConfig,
+    health: Option<Arc<dyn HealthRecorder>>,
 }
 
 /// Whether the first bytes of a disk are all zeros (a blank disk or new file).
@@ -110,7 +110,21 @@ impl Engine {
             shares: Mutex::default(),
             nexuses: Mutex::default(),
             remote,
+            nexus_cfg: NexusConfig::default(),
+            health: None,
         }
+    }
+
+    /// Sets the tunables of nexuses created from now on.
+    pub fn with_nexus_config(mut self, cfg: NexusConfig) -> Self {
+        self.nexus_cfg = cfg;
+        self
+    }
+
+    /// Has every nexus record its healthy set through `recorder`.
+    pub fn with_health_recorder(mut self, recorder: Arc<dyn HealthRecorder>) -> Self {
+        self.health = Some(recorder);
+        self
     }
 
     pub fn target(&self) -> &Target {
@@ -234,7 +248,7 @@ impl Engine {
             if shares.contains_key(&r.uuid())
                 || nexuses
                     .values()
-                    .any(|n| n.uris.contains(&local_uri(&r.uuid())))
+                    .any(|n| n.nexus.has_child(&local_uri(&r.uuid())))
             {
                 return Err(EngineError::Busy {
                     what: format!("pool {}", pool.name()),
@@ -330,7 +344,7 @@ impl Engine {
             .lock()
             .expect("poisoned")
             .values()
-            .find(|n| n.uris.contains(&local_uri(&uuid)))
+            .find(|n| n.nexus.has_child(&local_uri(&uuid)))
         {
             return Err(EngineError::Busy {
                 what: format!("replica {uuid}"),
@@ -451,7 +465,13 @@ impl Engine {
         for uri in children {
             devices.push((uri.clone(), self.open_child(uri)?));
         }
-        let nexus = Arc::new(Nexus::new(size_bytes, devices)?);
+        let nexus = Arc::new(Nexus::with_options(
+            uuid,
+            size_bytes,
+            devices,
+            self.nexus_cfg.clone(),
+            self.health.clone(),
+        )?);
         let nqn = volume_nqn(&uuid);
         self.target.add_subsystem(SubsystemConfig {
             nqn: nqn.clone(),
@@ -473,7 +493,6 @@ impl Engine {
                 nexus,
                 nqn,
                 allowed_hosts: allowed,
-                uris: children.to_vec(),
             },
         );
         Ok(())
@@ -509,26 +528,90 @@ impl Engine {
             Ok(()) | Err(TargetError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        entry.nexus.record_clean_shutdown();
         tracing::info!(nexus = %uuid, "nexus destroyed");
         Ok(())
     }
 
-    /// Visits every nexus with its children's states.
-    pub fn nexuses<T>(&self, f: impl Fn(&NexusEntry, Vec<(String, ChildState)>) -> T) -> Vec<T> {
+    /// Visits every nexus.
+    pub fn nexuses<T>(&self, f: impl Fn(&NexusEntry) -> T) -> Vec<T> {
         self.nexuses
             .lock()
             .expect("poisoned")
             .values()
-            .map(|n| {
-                let states = n
-                    .nexus
-                    .children()
-                    .iter()
-                    .map(|c| (c.uri().to_owned(), c.state()))
-                    .collect();
-                f(n, states)
-            })
+            .map(f)
             .collect()
+    }
+
+    fn nexus(&self, uuid: &str) -> Result<Arc<Nexus>, EngineError> {
+        let uuid = parse_uuid("nexus", uuid)?;
+        self.nexuses
+            .lock()
+            .expect("poisoned")
+            .get(&uuid)
+            .map(|n| n.nexus.clone())
+            .ok_or(EngineError::NotFound {
+                kind: "nexus",
+                id: uuid.to_string(),
+            })
+    }
+
+    /// Runs a rebuild of `uri` in `nexus` on a reactor.
+    fn spawn_rebuild(&self, nexus: Arc<Nexus>, uri: &str) -> Result<(), EngineError> {
+        let reactors = self.target.reactors();
+        let uri = uri.to_owned();
+        reactors
+            .spawn(reactors.next_index(), move || async move {
+                // The outcome is logged and visible in the child's state.
+                let _ = rebuild::run(nexus, uri).await;
+            })
+            .map_err(|e| EngineError::Io {
+                op: "starting a rebuild".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
+    /// Adds a child to a nexus and rebuilds it whole in the background.
+    /// Adding a child that is already there succeeds.
+    pub fn add_child(&self, uuid: &str, uri: &str) -> Result<(), EngineError> {
+        let nexus = self.nexus(uuid)?;
+        if nexus.has_child(uri) {
+            return Ok(());
+        }
+        let device = self.open_child(uri)?;
+        nexus.add_child(uri, device)?;
+        self.spawn_rebuild(nexus, uri)
+    }
+
+    /// Removes a child from a nexus; removing one that is not there succeeds.
+    pub fn remove_child(&self, uuid: &str, uri: &str) -> Result<(), EngineError> {
+        let nexus = self.nexus(uuid)?;
+        match nexus.remove_child(uri) {
+            Ok(()) | Err(NexusError::NoSuchChild { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Faults a child of a nexus.
+    pub fn fault_child(&self, uuid: &str, uri: &str) -> Result<(), EngineError> {
+        Ok(self.nexus(uuid)?.fault_child(uri)?)
+    }
+
+    /// Brings a faulted child back (reconnecting a remote one) and resyncs
+    /// what it missed in the background.
+    pub fn online_child(&self, uuid: &str, uri: &str) -> Result<(), EngineError> {
+        let nexus = self.nexus(uuid)?;
+        let Some(child) = nexus.children().iter().find(|c| c.uri() == uri).cloned() else {
+            return Err(NexusError::NoSuchChild { uri: uri.into() }.into());
+        };
+        if child.state() != crate::nexus::ChildState::Faulted {
+            return Ok(());
+        }
+        let device = self.open_child(uri)?;
+        if nexus.online_child(uri, Some(device))? {
+            self.spawn_rebuild(nexus, uri)?;
+        }
+        Ok(())
     }
 
     /// Stops serving: unpublishes everything and closes the pools cleanly.

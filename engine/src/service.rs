@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use cairn_nvmf::replica_nqn;
 
 use crate::core::{Engine, EngineError};
-use crate::nexus::{ChildState, NexusError};
+use crate::nexus::{Child, ChildState, NexusError};
 use crate::target::TargetError;
 
 impl From<EngineError> for Status {
@@ -47,7 +47,11 @@ impl From<EngineError> for Status {
                 TargetError::Shutdown => Code::Unavailable,
                 _ => Code::Internal,
             },
-            EngineError::Nexus(NexusError::Shrink { .. }) => Code::FailedPrecondition,
+            EngineError::Nexus(NexusError::Shrink { .. } | NexusError::LastHealthy { .. }) => {
+                Code::FailedPrecondition
+            }
+            EngineError::Nexus(NexusError::NoSuchChild { .. }) => Code::NotFound,
+            EngineError::Nexus(NexusError::ChildExists { .. }) => Code::AlreadyExists,
             EngineError::Nexus(_) | EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::NotFound { .. } => Code::NotFound,
             EngineError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -132,26 +136,46 @@ fn replica_pb(engine: &Engine, pool: &str, r: &cairn_pool::Replica) -> pb::Repli
     }
 }
 
+fn child_pb(c: &Child, segment_bytes: u64) -> pb::NexusChild {
+    let state = c.state();
+    pb::NexusChild {
+        uri: c.uri().to_owned(),
+        state: match state {
+            ChildState::Healthy => pb::ChildState::Healthy,
+            ChildState::Faulted => pb::ChildState::Faulted,
+            ChildState::Rebuilding => pb::ChildState::Rebuilding,
+        } as i32,
+        rebuild: c.progress().map(|p| pb::RebuildProgress {
+            kind: if p.partial { "partial" } else { "full" }.into(),
+            bytes_done: p.done_bytes(),
+            bytes_total: p.total_bytes,
+            rate_bytes_per_sec: p.rate(),
+            eta_secs: p.eta_secs(),
+        }),
+        last_rebuild_bytes: c.last_rebuild_bytes(),
+        dirty_bytes: (state == ChildState::Faulted).then(|| c.stale_bytes(segment_bytes)),
+        fault_reason: c.fault_reason(),
+    }
+}
+
 fn nexus_pb(engine: &Engine, uuid: &str) -> Result<pb::Nexus, EngineError> {
     let addr = engine.target().local_addr().to_string();
     engine
-        .nexuses(|n, states| pb::Nexus {
-            uuid: n.uuid.to_string(),
-            size_bytes: n.size_bytes,
-            children: states
-                .into_iter()
-                .map(|(uri, s)| pb::NexusChild {
-                    uri,
-                    state: match s {
-                        ChildState::Healthy => pb::ChildState::Healthy,
-                        ChildState::Faulted => pb::ChildState::Faulted,
-                    } as i32,
-                    ..Default::default()
-                })
-                .collect(),
-            nqn: n.nqn.clone(),
-            address: addr.clone(),
-            allowed_hosts: n.allowed_hosts.clone(),
+        .nexuses(|n| {
+            let seg = n.nexus.config().segment_bytes;
+            pb::Nexus {
+                uuid: n.uuid.to_string(),
+                size_bytes: n.size_bytes,
+                children: n
+                    .nexus
+                    .children()
+                    .iter()
+                    .map(|c| child_pb(c, seg))
+                    .collect(),
+                nqn: n.nqn.clone(),
+                address: addr.clone(),
+                allowed_hosts: n.allowed_hosts.clone(),
+            }
         })
         .into_iter()
         .find(|n| n.uuid == uuid)
@@ -361,7 +385,7 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::ListNexusesResponse>, Status> {
         let nexuses = self
             .run(|e| {
-                let ids = e.nexuses(|n, _| n.uuid.to_string());
+                let ids = e.nexuses(|n| n.uuid.to_string());
                 ids.iter().map(|id| nexus_pb(e, id)).collect()
             })
             .await?;
@@ -370,29 +394,57 @@ impl EngineApi for EngineService {
 
     async fn add_child(
         &self,
-        _r: Request<pb::AddChildRequest>,
+        r: Request<pb::AddChildRequest>,
     ) -> Result<Response<pb::Nexus>, Status> {
-        Err(Status::unimplemented("AddChild"))
+        let r = r.into_inner();
+        let nexus = self
+            .run(move |e| {
+                e.add_child(&r.uuid, &r.uri)?;
+                nexus_pb(e, &r.uuid.to_lowercase())
+            })
+            .await?;
+        Ok(Response::new(nexus))
     }
 
     async fn remove_child(
         &self,
-        _r: Request<pb::RemoveChildRequest>,
+        r: Request<pb::RemoveChildRequest>,
     ) -> Result<Response<pb::Nexus>, Status> {
-        Err(Status::unimplemented("RemoveChild"))
+        let r = r.into_inner();
+        let nexus = self
+            .run(move |e| {
+                e.remove_child(&r.uuid, &r.uri)?;
+                nexus_pb(e, &r.uuid.to_lowercase())
+            })
+            .await?;
+        Ok(Response::new(nexus))
     }
 
     async fn fault_child(
         &self,
-        _r: Request<pb::FaultChildRequest>,
+        r: Request<pb::FaultChildRequest>,
     ) -> Result<Response<pb::Nexus>, Status> {
-        Err(Status::unimplemented("FaultChild"))
+        let r = r.into_inner();
+        let nexus = self
+            .run(move |e| {
+                e.fault_child(&r.uuid, &r.uri)?;
+                nexus_pb(e, &r.uuid.to_lowercase())
+            })
+            .await?;
+        Ok(Response::new(nexus))
     }
 
     async fn online_child(
         &self,
-        _r: Request<pb::OnlineChildRequest>,
+        r: Request<pb::OnlineChildRequest>,
     ) -> Result<Response<pb::Nexus>, Status> {
-        Err(Status::unimplemented("OnlineChild"))
+        let r = r.into_inner();
+        let nexus = self
+            .run(move |e| {
+                e.online_child(&r.uuid, &r.uri)?;
+                nexus_pb(e, &r.uuid.to_lowercase())
+            })
+            .await?;
+        Ok(Response::new(nexus))
     }
 }

@@ -1,0 +1,532 @@
+use super::*;
+use cairn_bdev::ram::RamDevice;
+use cairn_bdev::{BufResult, IoBuf, IoFuture};
+use std::time::Instant;
+
+/// A child whose I/O fails once switched off.
+struct Flaky {
+    inner: RamDevice,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockDevice for Flaky {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(FlakyChannel {
+            inner: self.inner.open_channel()?,
+            broken: self.broken.clone(),
+        }))
+    }
+}
+
+struct FlakyChannel {
+    inner: Box<dyn IoChannel>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyChannel {
+    fn err(&self) -> Option<BdevError> {
+        self.broken
+            .load(Ordering::SeqCst)
+            .then(|| BdevError::io("test", std::io::Error::other("injected")))
+    }
+}
+
+impl IoChannel for FlakyChannel {
+    fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
+        match self.err() {
+            Some(e) => Box::pin(std::future::ready((Err(e), buf))),
+            None => self.inner.read(lba, buf),
+        }
+    }
+    fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
+        match self.err() {
+            Some(e) => Box::pin(std::future::ready((Err(e), buf))),
+            None => self.inner.write(lba, buf, fua),
+        }
+    }
+    fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.write_zeroes(lba, blocks)
+    }
+    fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.deallocate(lba, blocks)
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn mirrors_writes_and_survives_a_failing_child() {
+    let a = RamDevice::new(512, 2048);
+    let b = RamDevice::new(512, 2048);
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Flaky {
+        inner: b.clone(),
+        broken: broken.clone(),
+    };
+    let nexus = Nexus::new(
+        512 * 1024,
+        vec![
+            ("a".into(), Arc::new(a.clone())),
+            ("b".into(), Arc::new(flaky)),
+        ],
+    )
+    .unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let data = IoBuf::from_slice(&[7u8; 4096]);
+        let (r, _) = ch.write(8, data, false).await;
+        r.unwrap();
+        // Both legs hold the data.
+        for leg in [&a, &b] {
+            let c = leg.open_channel().unwrap();
+            let (r, got) = c.read(8, IoBuf::zeroed(4096)).await;
+            r.unwrap();
+            assert!(got.iter().all(|&x| x == 7));
+        }
+        // Break one leg: writes and reads go on from the other.
+        broken.store(true, Ordering::SeqCst);
+        let (r, _) = ch.write(16, IoBuf::from_slice(&[9u8; 512]), false).await;
+        r.unwrap();
+        assert_eq!(nexus.children()[1].state(), ChildState::Faulted);
+        for _ in 0..4 {
+            let (r, got) = ch.read(16, IoBuf::zeroed(512)).await;
+            r.unwrap();
+            assert!(got.iter().all(|&x| x == 9));
+        }
+        // Request errors are the request's, not a child's.
+        let (r, _) = ch.read(1024, IoBuf::zeroed(512)).await;
+        assert!(matches!(r, Err(BdevError::OutOfRange { .. })));
+        assert_eq!(nexus.children()[0].state(), ChildState::Healthy);
+    });
+}
+
+#[test]
+fn grows_online_within_its_children() {
+    let a: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(512, 2048));
+    let nexus = Nexus::new(512 * 1024, vec![("a".into(), a)]).unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let (r, _) = ch.write(1500, IoBuf::zeroed(512), false).await;
+        assert!(matches!(r, Err(BdevError::OutOfRange { .. })));
+        nexus.resize(512 * 2048).unwrap();
+        assert_eq!(nexus.info().num_blocks, 2048);
+        let (r, _) = ch.write(1500, IoBuf::zeroed(512), false).await;
+        r.unwrap();
+    });
+    assert!(matches!(
+        nexus.resize(512 * 4096),
+        Err(NexusError::TooSmall { .. })
+    ));
+    assert!(matches!(
+        nexus.resize(512 * 10),
+        Err(NexusError::Shrink { .. })
+    ));
+}
+
+#[test]
+fn refuses_mismatched_children() {
+    let a: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(512, 100));
+    let b: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(4096, 100));
+    assert!(matches!(
+        Nexus::new(512 * 100, vec![("a".into(), a.clone()), ("b".into(), b)]),
+        Err(NexusError::BlockSize { .. })
+    ));
+    assert!(matches!(
+        Nexus::new(512 * 101, vec![("a".into(), a)]),
+        Err(NexusError::TooSmall { .. })
+    ));
+    assert!(matches!(Nexus::new(1, vec![]), Err(NexusError::NoChildren)));
+}
+
+/// A child whose I/O never completes once switched to hanging.
+struct Hanging {
+    inner: RamDevice,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockDevice for Hanging {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(HangingChannel {
+            inner: self.inner.open_channel()?,
+            hang: self.hang.clone(),
+        }))
+    }
+}
+
+struct HangingChannel {
+    inner: Box<dyn IoChannel>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl IoChannel for HangingChannel {
+    fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
+        if self.hang.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.read(lba, buf)
+    }
+    fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
+        if self.hang.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.write(lba, buf, fua)
+    }
+    fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.write_zeroes(lba, blocks)
+    }
+    fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
+        self.inner.deallocate(lba, blocks)
+    }
+}
+
+const BS: usize = 512;
+
+fn small_segments() -> NexusConfig {
+    NexusConfig {
+        segment_bytes: 64 << 10,
+        rebuild_concurrency: 2,
+        pause: Duration::from_millis(500),
+        io_timeout: Duration::from_millis(300),
+        health_timeout: Duration::from_millis(500),
+        ..NexusConfig::default()
+    }
+}
+
+/// A block whose every byte says which write put it there.
+fn tagged(lba: u64, seq: u32) -> IoBuf {
+    let mut b = IoBuf::zeroed(BS);
+    let tag = (lba << 32) | u64::from(seq);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (tag >> ((i % 8) * 8)) as u8 ^ (i as u8);
+    }
+    b
+}
+
+/// Reads every block of `dev` and returns the contents.
+async fn contents(dev: &dyn BlockDevice) -> Vec<u8> {
+    let ch = dev.open_channel().unwrap();
+    let len = dev.info().size_bytes() as usize;
+    let (r, buf) = ch.read(0, IoBuf::zeroed(len)).await;
+    r.unwrap();
+    buf.to_vec()
+}
+
+/// Writes `count` tagged blocks at pseudo-random LBAs through `ch`,
+/// recording the last tag of each block in `model`.
+async fn tagged_writes(
+    ch: &dyn IoChannel,
+    blocks: u64,
+    count: u32,
+    seed: u64,
+    model: &mut std::collections::HashMap<u64, u32>,
+) {
+    let mut x = seed;
+    for seq in 0..count {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let lba = (x >> 33) % blocks;
+        let (r, _) = ch.write(lba, tagged(lba, seq), false).await;
+        r.unwrap();
+        model.insert(lba, seq);
+    }
+}
+
+async fn verify(ch: &dyn IoChannel, model: &std::collections::HashMap<u64, u32>) {
+    for (&lba, &seq) in model {
+        let (r, got) = ch.read(lba, IoBuf::zeroed(BS)).await;
+        r.unwrap();
+        assert_eq!(got.as_slice(), tagged(lba, seq).as_slice(), "block {lba}");
+    }
+}
+
+#[test]
+fn rebuild_under_writes_leaves_children_identical() {
+    let blocks = 8192u64; // 4 MiB, 64 segments
+    let a = RamDevice::new(512, blocks);
+    let b = RamDevice::new(512, blocks);
+    let nexus = Arc::new(
+        Nexus::with_options(
+            Uuid::new_v4(),
+            blocks * 512,
+            vec![("replica:///a".into(), Arc::new(a.clone()))],
+            NexusConfig {
+                rebuild_rate: 16 << 20,
+                ..small_segments()
+            },
+            None,
+        )
+        .unwrap(),
+    );
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let mut model = std::collections::HashMap::new();
+        tagged_writes(ch.as_ref(), blocks, 3000, 1, &mut model).await;
+        nexus
+            .add_child("replica:///b", Arc::new(b.clone()))
+            .unwrap();
+        assert_eq!(nexus.children()[1].state(), ChildState::Rebuilding);
+        let rebuild = monoio::spawn(rebuild::run(nexus.clone(), "replica:///b".into()));
+        // Keep writing while the rebuild copies (rate-limited to last
+        // about a quarter of a second).
+        tagged_writes(ch.as_ref(), blocks, 3000, 2, &mut model).await;
+        let copied = rebuild.await.unwrap();
+        assert_eq!(copied, blocks * 512);
+        assert_eq!(nexus.children()[1].state(), ChildState::Healthy);
+        assert_eq!(nexus.children()[1].last_rebuild_bytes(), blocks * 512);
+        tagged_writes(ch.as_ref(), blocks, 500, 3, &mut model).await;
+        verify(ch.as_ref(), &model).await;
+        assert!(contents(&a).await == contents(&b).await, "children differ");
+    });
+}
+
+#[test]
+fn partial_resync_copies_only_what_was_written_while_away() {
+    let blocks = 8192u64;
+    let a = RamDevice::new(512, blocks);
+    let b = RamDevice::new(512, blocks);
+    let nexus = Arc::new(
+        Nexus::with_options(
+            Uuid::new_v4(),
+            blocks * 512,
+            vec![
+                ("replica:///a".into(), Arc::new(a.clone())),
+                ("replica:///b".into(), Arc::new(b.clone())),
+            ],
+            small_segments(),
+            None,
+        )
+        .unwrap(),
+    );
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let mut model = std::collections::HashMap::new();
+        tagged_writes(ch.as_ref(), blocks, 1000, 1, &mut model).await;
+        nexus.fault_child("replica:///b").unwrap();
+        // The last healthy child cannot be faulted by request.
+        assert!(matches!(
+            nexus.fault_child("replica:///a"),
+            Err(NexusError::LastHealthy { .. })
+        ));
+        // Three blocks in three segments (128 blocks each), one spanning two.
+        for lba in [0u64, 1000, 5119] {
+            let (r, _) = ch.write(lba, tagged(lba, 9), false).await;
+            r.unwrap();
+            model.insert(lba, 9);
+        }
+        // One write spanning two segments.
+        let mut two = IoBuf::zeroed(2 * BS);
+        two[..BS].copy_from_slice(&tagged(255, 9));
+        two[BS..].copy_from_slice(&tagged(256, 9));
+        let (r, _) = ch.write(255, two, false).await;
+        r.unwrap();
+        model.insert(255, 9);
+        model.insert(256, 9);
+        let seg = 64 << 10;
+        // Segments 0, 7, 39, and 1 and 2.
+        assert_eq!(nexus.children()[1].stale_bytes(seg), 5 * seg);
+        assert!(nexus.online_child("replica:///b", None).unwrap());
+        let copied = rebuild::run(nexus.clone(), "replica:///b".into())
+            .await
+            .unwrap();
+        assert_eq!(copied, 5 * seg, "only the segments written while away");
+        assert_eq!(nexus.children()[1].state(), ChildState::Healthy);
+        verify(ch.as_ref(), &model).await;
+        assert!(contents(&a).await == contents(&b).await, "children differ");
+    });
+}
+
+/// Records health in memory, completing each record after a delay.
+#[derive(Default)]
+struct SlowRecorder {
+    records: std::sync::Mutex<Vec<(HealthRecord, Instant)>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl HealthRecorder for Arc<SlowRecorder> {
+    fn record(&self, rec: HealthRecord, done: HealthDone) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            if me.fail.load(Ordering::SeqCst) {
+                done(Err("store down".into()));
+                return;
+            }
+            me.records.lock().unwrap().push((rec, Instant::now()));
+            done(Ok(()));
+        });
+    }
+}
+
+#[test]
+fn a_degraded_write_is_acknowledged_only_after_its_health_record() {
+    let a = RamDevice::new(512, 2048);
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Flaky {
+        inner: RamDevice::new(512, 2048),
+        broken: broken.clone(),
+    };
+    let recorder = Arc::new(SlowRecorder::default());
+    let id = Uuid::new_v4();
+    let nexus = Nexus::with_options(
+        id,
+        512 * 2048,
+        vec![
+            ("replica:///a".into(), Arc::new(a)),
+            ("replica:///b".into(), Arc::new(flaky)),
+        ],
+        small_segments(),
+        Some(Arc::new(recorder.clone())),
+    )
+    .unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let (r, _) = ch.write(0, IoBuf::zeroed(512), false).await;
+        r.unwrap();
+        // The creation record is informational: writes do not wait for it.
+        while recorder.records.lock().unwrap().is_empty() {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        broken.store(true, Ordering::SeqCst);
+        let (r, _) = ch.write(1, IoBuf::zeroed(512), false).await;
+        let acked = Instant::now();
+        r.unwrap();
+        let records = recorder.records.lock().unwrap().clone();
+        let degraded = records
+            .iter()
+            .find(|(r, _)| r.healthy == vec!["replica:///a".to_owned()])
+            .expect("the shrunken healthy set was recorded");
+        assert!(degraded.1 <= acked, "acknowledged before the record");
+        assert_eq!(degraded.0.nexus, id);
+        assert!(!degraded.0.clean_shutdown);
+        // A record from creation names both children, with a lower
+        // generation.
+        let first = records.iter().find(|(r, _)| r.healthy.len() == 2).unwrap();
+        assert!(first.0.generation < degraded.0.generation);
+        assert_eq!(first.0.instance, degraded.0.instance);
+    });
+}
+
+#[test]
+fn a_degraded_write_fails_when_its_health_cannot_be_recorded() {
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Flaky {
+        inner: RamDevice::new(512, 2048),
+        broken: broken.clone(),
+    };
+    let recorder = Arc::new(SlowRecorder::default());
+    let nexus = Nexus::with_options(
+        Uuid::new_v4(),
+        512 * 2048,
+        vec![
+            ("replica:///a".into(), Arc::new(RamDevice::new(512, 2048))),
+            ("replica:///b".into(), Arc::new(flaky)),
+        ],
+        small_segments(),
+        Some(Arc::new(recorder.clone())),
+    )
+    .unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        recorder.fail.store(true, Ordering::SeqCst);
+        broken.store(true, Ordering::SeqCst);
+        let (r, _) = ch.write(1, IoBuf::zeroed(512), false).await;
+        assert!(matches!(r, Err(BdevError::Unavailable { .. })), "{r:?}");
+        assert!(!nexus.health_durable());
+    });
+}
+
+#[test]
+fn a_remote_child_that_stops_answering_is_faulted_after_the_timeout() {
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let remote = Hanging {
+        inner: RamDevice::new(512, 2048),
+        hang: hang.clone(),
+    };
+    let nexus = Nexus::with_options(
+        Uuid::new_v4(),
+        512 * 2048,
+        vec![
+            ("replica:///a".into(), Arc::new(RamDevice::new(512, 2048))),
+            ("nvmf://127.0.0.1:1/remote".into(), Arc::new(remote)),
+        ],
+        small_segments(),
+        None,
+    )
+    .unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        hang.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let (r, _) = ch.write(3, IoBuf::from_slice(&[5u8; 512]), false).await;
+        r.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        let remote = &nexus.children()[1];
+        assert_eq!(remote.state(), ChildState::Faulted);
+        assert!(
+            remote.fault_reason().contains("no answer"),
+            "{}",
+            remote.fault_reason()
+        );
+        // Reads come from the healthy child at once.
+        let (r, got) = ch.read(3, IoBuf::zeroed(512)).await;
+        r.unwrap();
+        assert!(got.iter().all(|&x| x == 5));
+    });
+}
+
+#[test]
+fn io_to_a_failing_last_child_waits_for_it_within_the_pause() {
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Flaky {
+        inner: RamDevice::new(512, 2048),
+        broken: broken.clone(),
+    };
+    let nexus = Nexus::with_options(
+        Uuid::new_v4(),
+        512 * 2048,
+        vec![("replica:///a".into(), Arc::new(flaky))],
+        small_segments(),
+        None,
+    )
+    .unwrap();
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        broken.store(true, Ordering::SeqCst);
+        let heal = broken.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            heal.store(false, Ordering::SeqCst);
+        });
+        // A blip shorter than the pause: the write waits and succeeds.
+        let (r, _) = ch.write(0, IoBuf::from_slice(&[1u8; 512]), false).await;
+        r.unwrap();
+        assert_eq!(nexus.children()[0].state(), ChildState::Healthy);
+        // An outage longer than the pause fails the I/O, and the child
+        // stays healthy: it still holds every acknowledged write.
+        broken.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let (r, _) = ch.read(0, IoBuf::zeroed(512)).await;
+        assert!(matches!(r, Err(BdevError::Io { .. })), "{r:?}");
+        assert!(t.elapsed() >= Duration::from_millis(500));
+        assert_eq!(nexus.children()[0].state(), ChildState::Healthy);
+    });
+}
