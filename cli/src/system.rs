@@ -173,6 +173,7 @@ impl System {
             max_io_queues: 8,
             host_nqn: EngineConfig::default_host_nqn(),
             pools: vec![],
+            nexus: Default::default(),
         };
         let engine = daemon::start(
             &engine_cfg,
@@ -259,6 +260,15 @@ impl System {
         let control = Control::new(store, ControlConfig::default());
         let engine_endpoint = format!("http://{}", engine_listener.local_addr()?);
         let agent_endpoint = format!("http://{}", agent_listener.local_addr()?);
+        // Nexuses record their healthy set through this system's agent.
+        let recorder = daemon::AgentHealthRecorder::new(
+            agent_endpoint.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        a.engine.set_health_recorder(recorder.clone());
+        for e in &a.extra {
+            e.set_health_recorder(recorder.clone());
+        }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -444,6 +454,7 @@ fn start_replica_node(cfg: &SystemConfig, data_dir: &Path, k: u8) -> anyhow::Res
         max_io_queues: 8,
         host_nqn: format!("{}-{k}", EngineConfig::default_host_nqn()),
         pools: vec![],
+        nexus: Default::default(),
     };
     let engine = daemon::start(
         &engine_cfg,

@@ -34,6 +34,7 @@ async fn start_node(k: u8, dir: &std::path::Path, control: &Control) -> Node {
         max_io_queues: 4,
         host_nqn: format!("nqn.2024-01.dev.cairn:engine:{id}"),
         pools: vec![],
+        nexus: Default::default(),
     };
     let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -67,7 +67,7 @@ pub struct Engine {
     nexuses: Mutex<BTreeMap<Uuid, NexusEntry>>,
     remote: Box<RemoteOpener>,
     nexus_cfg: NexusConfig,
-    health: Option<Arc<dyn HealthRecorder>>,
+    health: std::sync::OnceLock<Arc<dyn HealthRecorder>>,
 }
 
 /// Whether the first bytes of a disk are all zeros (a blank disk or new file).
@@ -111,7 +111,7 @@ impl Engine {
             nexuses: Mutex::default(),
             remote,
             nexus_cfg: NexusConfig::default(),
-            health: None,
+            health: std::sync::OnceLock::new(),
         }
     }
 
@@ -121,10 +121,10 @@ impl Engine {
         self
     }
 
-    /// Has every nexus record its healthy set through `recorder`.
-    pub fn with_health_recorder(mut self, recorder: Arc<dyn HealthRecorder>) -> Self {
-        self.health = Some(recorder);
-        self
+    /// Has every nexus created from now on record its healthy set through
+    /// `recorder`. Set once; returns false if one was set already.
+    pub fn set_health_recorder(&self, recorder: Arc<dyn HealthRecorder>) -> bool {
+        self.health.set(recorder).is_ok()
     }
 
     pub fn target(&self) -> &Target {
@@ -470,7 +470,7 @@ impl Engine {
             size_bytes,
             devices,
             self.nexus_cfg.clone(),
-            self.health.clone(),
+            self.health.get().cloned(),
         )?);
         let nqn = volume_nqn(&uuid);
         self.target.add_subsystem(SubsystemConfig {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::core::{Engine, EngineError, RemoteOpener};
 use crate::initiator::{InitiatorOptions, NvmfDevice};
+use crate::nexus::{HealthDone, HealthRecord, HealthRecorder, NexusConfig};
 use crate::target::{Target, TargetConfig};
 
 /// What an engine serves and where.
@@ -22,6 +23,8 @@ pub struct EngineConfig {
     pub host_nqn: String,
     /// Pool disks to import at start.
     pub pools: Vec<PathBuf>,
+    /// Tunables of the nexuses this engine builds.
+    pub nexus: NexusConfig,
 }
 
 impl EngineConfig {
@@ -86,7 +89,9 @@ pub fn start(cfg: &EngineConfig, remote: Box<RemoteOpener>) -> Result<Arc<Engine
         max_io_queues: cfg.max_io_queues,
         ..TargetConfig::default()
     })?;
-    let engine = Arc::new(Engine::new(target, cfg.host_nqn.clone(), remote));
+    let engine = Arc::new(
+        Engine::new(target, cfg.host_nqn.clone(), remote).with_nexus_config(cfg.nexus.clone()),
+    );
     for p in &cfg.pools {
         engine.import_pool(p)?;
     }
@@ -107,6 +112,65 @@ pub fn remote_opener(host_nqn: String) -> Box<RemoteOpener> {
         let dev = NvmfDevice::connect(opts).map_err(|e| e.to_string())?;
         Ok(Arc::new(dev) as Arc<dyn cairn_bdev::BlockDevice>)
     })
+}
+
+/// Records nexus health through an agent's Control API
+/// (`RecordNexusHealth`), retrying while the agent or its store is away.
+pub struct AgentHealthRecorder {
+    endpoint: String,
+    runtime: tokio::runtime::Handle,
+    /// How long one record is retried before the nexus is told it failed
+    /// (the nexus then asks again).
+    retry_for: std::time::Duration,
+}
+
+impl AgentHealthRecorder {
+    /// Records through the agent at `endpoint` (http://host:port), running
+    /// the calls on `runtime`.
+    pub fn new(endpoint: String, runtime: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(AgentHealthRecorder {
+            endpoint,
+            runtime,
+            retry_for: std::time::Duration::from_secs(10),
+        })
+    }
+}
+
+impl HealthRecorder for AgentHealthRecorder {
+    fn record(&self, rec: HealthRecord, done: HealthDone) {
+        use cairn_proto::agent::v1 as apb;
+        let endpoint = self.endpoint.clone();
+        let retry_for = self.retry_for;
+        let req = apb::RecordNexusHealthRequest {
+            volume_id: rec.nexus.to_string(),
+            healthy_children: rec.healthy,
+            clean_shutdown: rec.clean_shutdown,
+            generation: rec.generation,
+            instance: rec.instance.to_string(),
+        };
+        self.runtime.spawn(async move {
+            let deadline = std::time::Instant::now() + retry_for;
+            let mut last = String::new();
+            while std::time::Instant::now() < deadline {
+                let client = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                    .map(|e| {
+                        e.connect_timeout(std::time::Duration::from_secs(2))
+                            .timeout(std::time::Duration::from_secs(5))
+                            .connect_lazy()
+                    })
+                    .map(apb::control_client::ControlClient::new);
+                match client {
+                    Ok(mut c) => match c.record_nexus_health(req.clone()).await {
+                        Ok(_) => return done(Ok(())),
+                        Err(s) => last = s.to_string(),
+                    },
+                    Err(e) => return done(Err(format!("bad agent endpoint {endpoint}: {e}"))),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            done(Err(last));
+        });
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use cairn_engine::daemon::{self, EngineConfig};
+use cairn_engine::nexus::NexusConfig;
 use cairn_engine::service::EngineService;
 use clap::Parser;
 
@@ -30,6 +32,18 @@ struct Args {
     /// Pool disk to import at start (repeatable).
     #[arg(long = "pool")]
     pools: Vec<PathBuf>,
+    /// The node agent's Control API, where nexuses record their healthy
+    /// set before acknowledging a degraded write. Empty: not recorded
+    /// (a single engine without a cluster).
+    #[arg(long, default_value = "http://127.0.0.1:10125")]
+    agent_endpoint: String,
+    /// Milliseconds a remote nexus child may take to answer an I/O before
+    /// it is faulted.
+    #[arg(long, default_value_t = 30_000)]
+    child_io_timeout_ms: u64,
+    /// Rebuild bandwidth limit per rebuilding child, MiB/s (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    rebuild_rate_mib: u64,
 }
 
 fn main() {
@@ -53,9 +67,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_io_queues: args.max_io_queues,
         host_nqn: args.host_nqn.unwrap_or_else(EngineConfig::default_host_nqn),
         pools: args.pools,
+        nexus: NexusConfig {
+            io_timeout: Duration::from_millis(args.child_io_timeout_ms.max(1)),
+            rebuild_rate: args.rebuild_rate_mib << 20,
+            ..NexusConfig::default()
+        },
     };
-    let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone()))
-        .context("starting the engine")?;
     // The control runtime: small, and never on the I/O path.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -63,6 +80,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the control runtime")?;
+    let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone()))
+        .context("starting the engine")?;
+    if args.agent_endpoint.is_empty() {
+        tracing::warn!("no agent endpoint: nexus health is not recorded durably");
+    } else {
+        engine.set_health_recorder(daemon::AgentHealthRecorder::new(
+            args.agent_endpoint.clone(),
+            rt.handle().clone(),
+        ));
+    }
     tracing::info!(grpc = %args.grpc_listen, nvmf = %engine.target().local_addr(), "cairn-engine serving");
     let served = rt.block_on(
         tonic::transport::Server::builder()
