@@ -3,7 +3,14 @@
 //! - [`node`]: brings the node's pools up on its engine and keeps the node's
 //!   registration (address, host NQN, topology, pools) fresh in the store.
 //! - [`control`]: placement and volume operations (create, delete, publish,
-//!   unpublish, resize), idempotent and restartable.
+//!   unpublish, resize), idempotent and restartable; the nexus health
+//!   records engines write before acknowledging degraded writes
+//!   ([`control::health`]); the control lease ([`control::lease`]) whose
+//!   holder runs the self-healing reconciler ([`control::reconcile`]):
+//!   replicas on dead nodes or faulted children are resynced from the
+//!   dirty-region log when their node returns, or replaced and rebuilt
+//!   elsewhere (through a temporary nexus when the volume is unpublished);
+//!   orphaned replicas, nexuses and shares are garbage-collected.
 //! - [`store`]: the state store trait and its implementations.
 //! - [`service`]: the Control gRPC API that the CSI controller and cairnctl
 //!   call.

@@ -42,6 +42,16 @@ struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 5)]
     heartbeat_secs: u64,
+    /// Seconds between reconciler rounds (run by the agent holding the
+    /// control lease).
+    #[arg(long, default_value_t = 5)]
+    reconcile_secs: u64,
+    /// Seconds a replica may stay unhealthy before it is replaced.
+    #[arg(long, default_value_t = 300)]
+    replace_after_secs: u64,
+    /// Seconds a node may miss heartbeats before it counts as offline.
+    #[arg(long, default_value_t = 15)]
+    node_lease_secs: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -77,7 +87,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .host_nqn
         .or_else(cairn_agent::system_host_nqn)
         .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4()));
-    let control = Control::new(store, ControlConfig::default());
+    let control = Control::new(
+        store,
+        ControlConfig {
+            reconcile_period: Duration::from_secs(args.reconcile_secs.max(1)),
+            replace_after: Duration::from_secs(args.replace_after_secs),
+            node_lease: Duration::from_secs(args.node_lease_secs.max(1)),
+            ..ControlConfig::default()
+        },
+    );
     let node = NodeConfig {
         node_id: args.node_id,
         node_address: args.node_address,
@@ -88,13 +106,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
     };
     tracing::info!(listen = %args.listen, node = %node.node_id, "cairn-agent starting");
-    let registrar = tokio::spawn(cairn_agent::node::run(node, control.clone()));
+    let registrar = tokio::spawn(cairn_agent::node::run(node.clone(), control.clone()));
+    let reconciler = tokio::spawn(cairn_agent::control::reconcile::run(
+        control.clone(),
+        node.node_id.clone(),
+    ));
     let server = tonic::transport::Server::builder()
-        .add_service(ControlService::new(control).server())
+        .add_service(ControlService::new(control.clone()).server())
         .serve_with_shutdown(args.listen, async {
             let _ = tokio::signal::ctrl_c().await;
         });
     server.await.context("serving the Control API")?;
     registrar.abort();
+    reconciler.abort();
+    let _ = control
+        .release_lease(cairn_agent::control::lease::CONTROL_LEASE, &node.node_id)
+        .await;
     Ok(())
 }

@@ -115,8 +115,37 @@ pub struct ReplicaSpec {
     pub uuid: String,
     pub node: String,
     pub pool: String,
-    /// False once the replica was retired from the volume's healthy set.
+    /// False once the replica was retired from the volume's healthy set
+    /// (and, for a replacement, until its rebuild has finished).
     pub healthy: bool,
+    /// Unix seconds when the replica was marked unhealthy (0: unknown or
+    /// healthy). A replica unhealthy for longer than the control logic's
+    /// `replace_after` is replaced.
+    #[serde(default)]
+    pub unhealthy_since: i64,
+    /// True while this replica is a new child being filled by a rebuild; it
+    /// becomes healthy when the nexus reports the rebuild finished.
+    #[serde(default)]
+    pub rebuilding: bool,
+    /// The replica this one replaces; the old one leaves the volume once
+    /// this one is healthy.
+    #[serde(default)]
+    pub replaces: Option<String>,
+}
+
+impl ReplicaSpec {
+    /// A healthy replica at a placement.
+    pub fn new(uuid: String, node: String, pool: String) -> Self {
+        ReplicaSpec {
+            uuid,
+            node,
+            pool,
+            healthy: true,
+            unhealthy_since: 0,
+            rebuilding: false,
+            replaces: None,
+        }
+    }
 }
 
 /// Where a volume is published.
@@ -156,6 +185,25 @@ pub struct VolumeSpec {
     /// accessible topology).
     #[serde(default)]
     pub topology: BTreeMap<String, String>,
+    /// The node running a temporary nexus that rebuilds replicas of this
+    /// volume while it is not published (recorded before the nexus is
+    /// created, so a crash mid-way is cleaned up).
+    #[serde(default)]
+    pub rebuild_nexus: Option<String>,
+    /// Unix seconds of the last change of phase (0: unknown). A volume left
+    /// `Creating` or `Deleting` for long is finished by the reconciler.
+    #[serde(default)]
+    pub phase_since: i64,
+}
+
+impl VolumeSpec {
+    /// The node whose nexus serves or rebuilds this volume, if any.
+    pub fn nexus_node(&self) -> Option<&str> {
+        self.target
+            .as_ref()
+            .map(|t| t.node.as_str())
+            .or(self.rebuild_nexus.as_deref())
+    }
 }
 
 impl Record for VolumeSpec {
@@ -164,6 +212,65 @@ impl Record for VolumeSpec {
     fn id(&self) -> &str {
         &self.id
     }
+}
+
+/// A nexus's durable health record, written by its engine (through
+/// RecordNexusHealth) before it acknowledges a write with fewer healthy
+/// children than before. Only replicas in `healthy` may serve as sources
+/// when the volume's nexus is built again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NexusHealth {
+    /// The volume id.
+    pub volume_id: String,
+    /// The nexus instance that wrote the record.
+    pub instance: String,
+    /// Grows with every record one instance writes.
+    pub generation: u64,
+    /// Uuids of the replicas that hold every acknowledged write.
+    pub healthy: Vec<String>,
+    pub clean_shutdown: bool,
+    /// Unix seconds of the last update.
+    pub updated: i64,
+}
+
+impl Record for NexusHealth {
+    const KIND: &'static str = "nexus-health";
+    const VERSION: u32 = 1;
+    fn id(&self) -> &str {
+        &self.volume_id
+    }
+}
+
+/// A lease on a role that one agent holds at a time (the control logic's
+/// reconcilers). Taken and renewed with compare-and-put; another agent may
+/// take it once `expires_ms` has passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub name: String,
+    pub holder: String,
+    /// Unix milliseconds after which the lease is free.
+    pub expires_ms: i64,
+}
+
+impl Record for LeaseRecord {
+    const KIND: &'static str = "leases";
+    const VERSION: u32 = 1;
+    fn id(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The replica uuid a nexus child URI names: `replica:///UUID` or
+/// `nvmf://HOST:PORT/NQN` whose NQN ends with `:replica:UUID`.
+pub fn replica_of_child_uri(uri: &str) -> Option<&str> {
+    let id = if let Some(rest) = uri.strip_prefix("replica:///") {
+        rest
+    } else if uri.starts_with("nvmf://") {
+        uri.rsplit_once(":replica:")?.1
+    } else {
+        return None;
+    };
+    uuid::Uuid::parse_str(id).ok().map(|_| id)
 }
 
 /// The namespace for deriving volume ids from CSI volume names.
@@ -191,6 +298,8 @@ mod tests {
             replicas: vec![],
             target: None,
             topology: BTreeMap::new(),
+            rebuild_nexus: None,
+            phase_since: 0,
         }
     }
 
@@ -208,6 +317,35 @@ mod tests {
             VolumeSpec::key_of(&v.id),
             format!("/cairn/v1/volumes/{}", v.id)
         );
+    }
+
+    #[test]
+    fn records_written_before_the_healing_fields_still_decode() {
+        let old = r#"{"v":1,"data":{"id":"x","name":"n","size_bytes":1,"replicas_wanted":1,
+            "thin":true,"phase":"ready","replicas":[{"uuid":"u","node":"a","pool":"p","healthy":true}]}}"#;
+        let v: VolumeSpec = decode("k", old.as_bytes()).unwrap();
+        assert_eq!(v.replicas[0].unhealthy_since, 0);
+        assert!(!v.replicas[0].rebuilding);
+        assert_eq!(v.replicas[0].replaces, None);
+        assert_eq!(v.rebuild_nexus, None);
+    }
+
+    #[test]
+    fn child_uris_name_their_replica() {
+        let u = "6f1b9c8e-2a44-4c1d-9a57-1d2b3c4d5e6f";
+        assert_eq!(replica_of_child_uri(&format!("replica:///{u}")), Some(u));
+        assert_eq!(
+            replica_of_child_uri(&format!(
+                "nvmf://127.0.0.2:4420/nqn.2024-01.dev.cairn:replica:{u}"
+            )),
+            Some(u)
+        );
+        assert_eq!(
+            replica_of_child_uri("nvmf://127.0.0.2:4420/nqn.x:vol"),
+            None
+        );
+        assert_eq!(replica_of_child_uri("replica:///not-a-uuid"), None);
+        assert_eq!(replica_of_child_uri("file:///x"), None);
     }
 
     #[test]

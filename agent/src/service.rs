@@ -1,12 +1,16 @@
 //! The agent's Control gRPC service: a thin skin over [`crate::control`].
 
+use std::collections::HashMap;
+
 use cairn_proto::agent::v1 as pb;
+use cairn_proto::engine::v1 as epb;
 use pb::control_server::Control as ControlApi;
 use tonic::{Request, Response, Status};
 
+use crate::control::health::{HealthOutcome, HealthReport};
 use crate::control::placement::Segment;
 use crate::control::{Control, CreateVolume};
-use crate::model::{NodeRecord, VolumePhase, VolumeSpec};
+use crate::model::{replica_of_child_uri, NodeRecord, VolumePhase, VolumeSpec};
 
 /// Serves [`pb::control_server::ControlServer`].
 pub struct ControlService {
@@ -24,7 +28,44 @@ impl ControlService {
     }
 }
 
-fn to_pb_volume(v: VolumeSpec, online: impl Fn(&str) -> bool) -> pb::Volume {
+/// A replica's state as shown to users, from the volume record, its node's
+/// liveness and the nexus's view of the child.
+fn replica_state(
+    r: &crate::model::ReplicaSpec,
+    online: bool,
+    child: Option<&epb::NexusChild>,
+) -> (&'static str, Option<pb::RebuildStatus>) {
+    if !online {
+        return ("offline", None);
+    }
+    match child.map(|c| epb::ChildState::try_from(c.state)) {
+        Some(Ok(epb::ChildState::Rebuilding)) => {
+            let progress = child
+                .and_then(|c| c.rebuild.as_ref())
+                .map(|p| pb::RebuildStatus {
+                    kind: p.kind.clone(),
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                    rate_bytes_per_sec: p.rate_bytes_per_sec,
+                    eta_secs: p.eta_secs,
+                });
+            ("rebuilding", progress)
+        }
+        Some(Ok(epb::ChildState::Faulted)) => ("faulted", None),
+        Some(Ok(epb::ChildState::Healthy)) if r.healthy => ("healthy", None),
+        // Healthy in the nexus, not yet recorded so by the reconciler.
+        Some(Ok(epb::ChildState::Healthy)) => ("rebuilding", None),
+        _ if r.rebuilding => ("rebuilding", None),
+        _ if r.healthy => ("healthy", None),
+        _ => ("faulted", None),
+    }
+}
+
+fn to_pb_volume(
+    v: VolumeSpec,
+    online: impl Fn(&str) -> bool,
+    children: &HashMap<String, epb::NexusChild>,
+) -> pb::Volume {
     let healthy = v
         .replicas
         .iter()
@@ -46,11 +87,17 @@ fn to_pb_volume(v: VolumeSpec, online: impl Fn(&str) -> bool) -> pb::Volume {
         replicas: v
             .replicas
             .into_iter()
-            .map(|r| pb::ReplicaLocation {
-                healthy: r.healthy && online(&r.node),
-                uuid: r.uuid,
-                node: r.node,
-                pool: r.pool,
+            .map(|r| {
+                let (state, rebuild) = replica_state(&r, online(&r.node), children.get(&r.uuid));
+                pb::ReplicaLocation {
+                    healthy: r.healthy && online(&r.node),
+                    state: state.to_owned(),
+                    rebuild,
+                    replaces: r.replaces.unwrap_or_default(),
+                    uuid: r.uuid,
+                    node: r.node,
+                    pool: r.pool,
+                }
             })
             .collect(),
         target: v.target.map(|t| pb::Target {
@@ -60,6 +107,7 @@ fn to_pb_volume(v: VolumeSpec, online: impl Fn(&str) -> bool) -> pb::Volume {
         }),
         status: status.to_owned(),
         topology: v.topology.into_iter().collect(),
+        rebuild_node: v.rebuild_nexus.unwrap_or_default(),
     }
 }
 
@@ -71,13 +119,52 @@ fn segments(s: Vec<pb::Segment>) -> Vec<Segment> {
 
 impl ControlService {
     async fn volume_view(&self, v: VolumeSpec) -> Result<pb::Volume, Status> {
+        Ok(self.volume_views(vec![v]).await?.pop().unwrap_or_default())
+    }
+
+    /// Volumes with their replicas' states, asking each nexus node once.
+    async fn volume_views(&self, vols: Vec<VolumeSpec>) -> Result<Vec<pb::Volume>, Status> {
         let nodes = self.control.nodes().await?;
         let online = |id: &str| {
             nodes
                 .iter()
                 .any(|n| n.id == id && self.control.is_online(n))
         };
-        Ok(to_pb_volume(v, online))
+        let mut nexuses: HashMap<String, Vec<epb::Nexus>> = HashMap::new();
+        for v in &vols {
+            let Some(nn) = v.nexus_node() else { continue };
+            if nexuses.contains_key(nn) {
+                continue;
+            }
+            let listed = match nodes
+                .iter()
+                .find(|n| n.id == nn && self.control.is_online(n))
+            {
+                // What the engine shows is best effort: the record stands
+                // on its own when the engine does not answer.
+                Some(n) => self.control.list_nexuses_on(n).await.unwrap_or_default(),
+                None => vec![],
+            };
+            nexuses.insert(nn.to_owned(), listed);
+        }
+        let mut out = Vec::with_capacity(vols.len());
+        for v in vols {
+            let children: HashMap<String, epb::NexusChild> = v
+                .nexus_node()
+                .and_then(|nn| nexuses.get(nn))
+                .and_then(|l| l.iter().find(|n| n.uuid == v.id))
+                .map(|n| {
+                    n.children
+                        .iter()
+                        .filter_map(|c| {
+                            replica_of_child_uri(&c.uri).map(|u| (u.to_owned(), c.clone()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(to_pb_volume(v, online, &children));
+        }
+        Ok(out)
     }
 
     fn node_view(&self, n: NodeRecord) -> pb::Node {
@@ -188,10 +275,7 @@ impl ControlApi for ControlService {
             .get(start + page.len())
             .map(|v| v.id.clone())
             .unwrap_or_default();
-        let mut volumes = Vec::with_capacity(page.len());
-        for v in page {
-            volumes.push(self.volume_view(v).await?);
-        }
+        let volumes = self.volume_views(page).await?;
         Ok(Response::new(pb::ListVolumesResponse {
             volumes,
             next_token,
@@ -243,8 +327,29 @@ impl ControlApi for ControlService {
 
     async fn record_nexus_health(
         &self,
-        _r: Request<pb::RecordNexusHealthRequest>,
+        req: Request<pb::RecordNexusHealthRequest>,
     ) -> Result<Response<pb::RecordNexusHealthResponse>, Status> {
-        Err(Status::unimplemented("RecordNexusHealth"))
+        let r = req.into_inner();
+        let outcome =
+            self.control
+                .record_nexus_health(&HealthReport {
+                    volume_id: r.volume_id,
+                    healthy_children: r.healthy_children,
+                    clean_shutdown: r.clean_shutdown,
+                    generation: r.generation,
+                    instance: r.instance,
+                })
+                .await
+                .map_err(|e| match e {
+                    // The engine holds a write until this succeeds: any store
+                    // trouble is worth a retry.
+                    crate::error::ControlError::Store(_)
+                    | crate::error::ControlError::Busy { .. } => Status::unavailable(e.to_string()),
+                    e => Status::from(e),
+                })?;
+        if outcome == HealthOutcome::Stale {
+            tracing::debug!("stale nexus health report ignored");
+        }
+        Ok(Response::new(pb::RecordNexusHealthResponse {}))
     }
 }

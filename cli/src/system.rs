@@ -343,6 +343,13 @@ impl System {
             .await
             .context("registering the node")?;
         let mut registrars = vec![tokio::spawn(cairn_agent::node::run(node, control.clone()))];
+        // The self-healing reconciler, run while this system holds the
+        // control lease.
+        let (reconciler, holder) = (control.clone(), a.node_id.clone());
+        registrars.push(tokio::spawn(async move {
+            cairn_agent::control::reconcile::run(reconciler, holder).await;
+            Ok(())
+        }));
         for (i, e) in a.extra.iter().enumerate() {
             let k = i + 1;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -6,8 +6,19 @@
 //! operation cut short by a crash is finished (or undone) by its retry.
 //! Operations on one volume are serialised; a concurrent second one is
 //! refused with `Busy` (CSI's ABORTED) rather than queued.
+//!
+//! - [`placement`]: where replicas go, a pure function of the node records.
+//! - [`health`]: the nexus health records engines write before they
+//!   acknowledge a write with fewer healthy children.
+//! - [`lease`]: the lease that lets one agent at a time run the
+//!   reconcilers.
+//! - [`reconcile`]: the self-healing loop (mark, resync, replace, rebuild,
+//!   garbage-collect).
 
+pub mod health;
+pub mod lease;
 pub mod placement;
+pub mod reconcile;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,8 +31,8 @@ use tonic::Code;
 
 use crate::error::ControlError;
 use crate::model::{
-    decode, encode, volume_id_for_name, NodeRecord, Record, ReplicaSpec, TargetSpec, VolumePhase,
-    VolumeSpec,
+    decode, encode, volume_id_for_name, NexusHealth, NodeRecord, Record, ReplicaSpec, TargetSpec,
+    VolumePhase, VolumeSpec,
 };
 use crate::store::Store;
 use placement::{place, PlacementRequest, Segment};
@@ -35,6 +46,18 @@ pub struct ControlConfig {
     pub overcommit_pct: u64,
     /// Deadline of one engine call.
     pub engine_timeout: Duration,
+    /// Pause between two reconciler rounds.
+    pub reconcile_period: Duration,
+    /// A replica unhealthy for this long is replaced by a new one elsewhere.
+    pub replace_after: Duration,
+    /// Lifetime of the reconciler lease; the holder renews it every round.
+    pub lease_ttl: Duration,
+    /// A volume left `Creating` or `Deleting` this long (its operation was
+    /// cut short) is finished by the reconciler.
+    pub stale_op_after: Duration,
+    /// Whether the reconciler destroys replicas, nexuses and shares that no
+    /// volume record needs.
+    pub garbage_collect: bool,
 }
 
 impl Default for ControlConfig {
@@ -43,6 +66,11 @@ impl Default for ControlConfig {
             node_lease: Duration::from_secs(15),
             overcommit_pct: 1000,
             engine_timeout: Duration::from_secs(30),
+            reconcile_period: Duration::from_secs(5),
+            replace_after: Duration::from_secs(300),
+            lease_ttl: Duration::from_secs(15),
+            stale_op_after: Duration::from_secs(120),
+            garbage_collect: true,
         }
     }
 }
@@ -70,6 +98,8 @@ pub struct Control {
     cfg: ControlConfig,
     engines: Arc<Mutex<HashMap<String, EngineClient<Channel>>>>,
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Leases this process holds, with their expiry (Unix milliseconds).
+    leases: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 /// Holds a volume's operation slot until dropped.
@@ -84,7 +114,7 @@ impl Drop for VolumeGuard {
     }
 }
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -105,6 +135,7 @@ impl Control {
             cfg,
             engines: Arc::default(),
             busy: Arc::default(),
+            leases: Arc::default(),
         }
     }
 
@@ -142,6 +173,15 @@ impl Control {
     async fn save<T: Record>(&self, rec: &T) -> Result<(), ControlError> {
         self.store.put(&T::key_of(rec.id()), &encode(rec)).await?;
         Ok(())
+    }
+
+    /// Writes `rec` if its stored version is still `version` (0: absent);
+    /// returns the new version, or `None` when someone wrote in between.
+    async fn save_if<T: Record>(&self, rec: &T, version: u64) -> Result<Option<u64>, ControlError> {
+        Ok(self
+            .store
+            .compare_and_put(&T::key_of(rec.id()), &encode(rec), version)
+            .await?)
     }
 
     async fn list_records<T: Record>(&self) -> Result<Vec<T>, ControlError> {
@@ -210,6 +250,20 @@ impl Control {
         Ok(client)
     }
 
+    /// The nexuses on a node's engine, answering within a short bound (for
+    /// views that must not hang on a slow engine).
+    pub async fn list_nexuses_on(&self, node: &NodeRecord) -> Result<Vec<pb::Nexus>, ControlError> {
+        let mut engine = self.engine(node)?;
+        let mut req = tonic::Request::new(pb::ListNexusesRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        Ok(engine
+            .list_nexuses(req)
+            .await
+            .map_err(engine_err(&node.id))?
+            .into_inner()
+            .nexuses)
+    }
+
     async fn create_replica(
         &self,
         node: &NodeRecord,
@@ -230,11 +284,13 @@ impl Control {
         Ok(())
     }
 
+    /// Destroys a replica on its node. A node that left the cluster took
+    /// its replicas with it; one that is offline gets them destroyed by
+    /// garbage collection when it returns (they are no longer recorded).
     async fn destroy_replica(&self, r: &ReplicaSpec) -> Result<(), ControlError> {
         let node = match self.node(&r.node).await {
-            Ok(n) => n,
-            // A node that left the cluster took its replicas with it.
-            Err(ControlError::NotFound { .. }) => return Ok(()),
+            Ok(n) if self.is_online(&n) => n,
+            Ok(_) | Err(ControlError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
         let mut engine = self.engine(&node)?;
@@ -327,15 +383,12 @@ impl Control {
                     phase: VolumePhase::Creating,
                     replicas: chosen
                         .into_iter()
-                        .map(|p| ReplicaSpec {
-                            uuid: uuid::Uuid::new_v4().to_string(),
-                            node: p.node,
-                            pool: p.pool,
-                            healthy: true,
-                        })
+                        .map(|p| ReplicaSpec::new(uuid::Uuid::new_v4().to_string(), p.node, p.pool))
                         .collect(),
                     target: None,
                     topology,
+                    rebuild_nexus: None,
+                    phase_since: now_secs(),
                 };
                 // Intent first: a crash after this point leaves a record that
                 // the retry finishes or a delete cleans up.
@@ -344,15 +397,22 @@ impl Control {
             }
         };
         if vol.phase == VolumePhase::Creating {
-            for r in &vol.replicas {
-                let node = self.node(&r.node).await?;
-                self.create_replica(&node, r, &vol).await?;
-            }
-            vol.phase = VolumePhase::Ready;
-            self.save(&vol).await?;
-            tracing::info!(volume = %vol.id, name = %vol.name, replicas = vol.replicas.len(), "volume created");
+            self.finish_create(&mut vol).await?;
         }
         Ok(vol)
+    }
+
+    /// Creates every replica of a `Creating` volume and marks it ready.
+    async fn finish_create(&self, vol: &mut VolumeSpec) -> Result<(), ControlError> {
+        for r in &vol.replicas {
+            let node = self.node(&r.node).await?;
+            self.create_replica(&node, r, vol).await?;
+        }
+        vol.phase = VolumePhase::Ready;
+        vol.phase_since = now_secs();
+        self.save(vol).await?;
+        tracing::info!(volume = %vol.id, name = %vol.name, replicas = vol.replicas.len(), "volume created");
+        Ok(())
     }
 
     /// Deletes a volume and its replicas. Deleting an unknown volume succeeds.
@@ -363,23 +423,36 @@ impl Control {
         };
         if vol.phase != VolumePhase::Deleting {
             vol.phase = VolumePhase::Deleting;
+            vol.phase_since = now_secs();
             self.save(&vol).await?;
         }
+        self.finish_delete(&vol).await
+    }
+
+    /// Tears down a `Deleting` volume's nexuses and replicas, then forgets it.
+    async fn finish_delete(&self, vol: &VolumeSpec) -> Result<(), ControlError> {
+        let id = vol.id.as_str();
         if let Some(t) = vol.target.clone() {
             self.destroy_nexus(&t.node, id).await?;
+        }
+        if let Some(n) = vol.rebuild_nexus.clone() {
+            self.destroy_nexus(&n, id).await?;
         }
         for r in &vol.replicas {
             self.destroy_replica(r).await?;
         }
+        self.store.delete(&NexusHealth::key_of(id)).await?;
         self.store.delete(&VolumeSpec::key_of(id)).await?;
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
     }
 
+    /// Destroys a volume's nexus on a node; an offline node's is left to
+    /// garbage collection.
     async fn destroy_nexus(&self, node_id: &str, id: &str) -> Result<(), ControlError> {
         let node = match self.node(node_id).await {
-            Ok(n) => n,
-            Err(ControlError::NotFound { .. }) => return Ok(()),
+            Ok(n) if self.is_online(&n) => n,
+            Ok(_) | Err(ControlError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
         let mut engine = self.engine(&node)?;
@@ -411,16 +484,41 @@ impl Control {
                 vol.phase
             )));
         }
-        if let Some(t) = &vol.target {
+        if let Some(t) = vol.target.clone() {
             if t.node != node_id {
-                return Err(ControlError::PublishedElsewhere {
-                    id: id.to_owned(),
-                    node: t.node.clone(),
-                });
+                if !t.nqn.is_empty() {
+                    return Err(ControlError::PublishedElsewhere {
+                        id: id.to_owned(),
+                        node: t.node,
+                    });
+                }
+                // A publish there never finished: undo it.
+                self.destroy_nexus(&t.node, id).await?;
             }
         }
         let node = self.node(node_id).await?;
-        let nexus = self.ensure_nexus(&vol, &node).await?;
+        // Intent first: garbage collection spares a nexus only where a
+        // volume record places one.
+        if vol.target.as_ref().map(|t| t.node.as_str()) != Some(node_id) {
+            vol.target = Some(TargetSpec {
+                node: node.id.clone(),
+                nqn: String::new(),
+                address: String::new(),
+            });
+            self.save(&vol).await?;
+        }
+        // A temporary rebuild nexus elsewhere goes; one on this node becomes
+        // the published nexus (creating it again only opens it to the host).
+        if let Some(r) = vol.rebuild_nexus.clone() {
+            if r != node_id {
+                self.destroy_nexus(&r, id).await?;
+            }
+            vol.rebuild_nexus = None;
+            self.save(&vol).await?;
+        }
+        let nexus = self
+            .ensure_nexus(&mut vol, &node, vec![node.host_nqn.clone()])
+            .await?;
         let target = TargetSpec {
             node: node.id.clone(),
             nqn: nexus.nqn,
@@ -433,39 +531,63 @@ impl Control {
         Ok(vol)
     }
 
-    /// Creates the nexus on `node` if the engine lacks it (after a publish,
-    /// or an engine restart), sharing remote replicas to that engine.
+    /// Creates the volume's nexus on `node` if the engine lacks it (after a
+    /// publish, an engine restart, or for a rebuild), sharing remote
+    /// replicas to that engine. Its children are the replicas healthy in
+    /// the volume record and in the nexus health record (when one exists)
+    /// whose nodes are online; healthy replicas left out are marked
+    /// unhealthy in the record before the nexus exists, since it will not
+    /// write to them.
     async fn ensure_nexus(
         &self,
-        vol: &VolumeSpec,
+        vol: &mut VolumeSpec,
         node: &NodeRecord,
+        allowed_hosts: Vec<String>,
     ) -> Result<pb::Nexus, ControlError> {
+        let record = self.nexus_health(&vol.id).await?;
+        let nodes = self.nodes().await?;
         let mut children = Vec::new();
+        let mut left_out = Vec::new();
         for r in vol.replicas.iter().filter(|r| r.healthy) {
+            if record
+                .as_ref()
+                .is_some_and(|h| !h.healthy.contains(&r.uuid))
+            {
+                left_out.push(r.uuid.clone());
+                continue;
+            }
             if r.node == node.id {
                 children.push(format!("replica:///{}", r.uuid));
                 continue;
             }
-            let holder = self.node(&r.node).await?;
-            let mut engine = self.engine(&holder)?;
-            let shared = engine
-                .share_replica(pb::ShareReplicaRequest {
-                    uuid: r.uuid.clone(),
-                    allowed_hosts: vec![node.engine_host_nqn.clone()],
-                })
-                .await
-                .map_err(engine_err(&holder.id))?
-                .into_inner();
-            children.push(format!(
-                "nvmf://{}/{}",
-                holder.nvmf_address, shared.share_nqn
-            ));
+            let Some(holder) = nodes.iter().find(|n| n.id == r.node && self.is_online(n)) else {
+                left_out.push(r.uuid.clone());
+                continue;
+            };
+            match self.share_to(holder, &r.uuid, &node.engine_host_nqn).await {
+                Ok(uri) => children.push(uri),
+                Err(e) => {
+                    tracing::warn!(volume = %vol.id, replica = %r.uuid, error = %e, "replica cannot be shared; left out of the nexus");
+                    left_out.push(r.uuid.clone());
+                }
+            }
         }
         if children.is_empty() {
             return Err(ControlError::FailedPrecondition(format!(
-                "volume {} has no healthy replica",
+                "volume {} has no healthy replica that can serve",
                 vol.id
             )));
+        }
+        if !left_out.is_empty() {
+            for r in vol
+                .replicas
+                .iter_mut()
+                .filter(|r| left_out.contains(&r.uuid))
+            {
+                r.healthy = false;
+                r.unhealthy_since = now_secs();
+            }
+            self.save(vol).await?;
         }
         let mut engine = self.engine(node)?;
         let nexus = engine
@@ -473,12 +595,35 @@ impl Control {
                 uuid: vol.id.clone(),
                 size_bytes: vol.size_bytes,
                 children,
-                allowed_hosts: vec![node.host_nqn.clone()],
+                allowed_hosts,
             })
             .await
             .map_err(engine_err(&node.id))?
             .into_inner();
         Ok(nexus)
+    }
+
+    /// Shares replica `uuid` on `holder` to the engine with host NQN
+    /// `host`; returns the child URI a nexus there uses.
+    async fn share_to(
+        &self,
+        holder: &NodeRecord,
+        uuid: &str,
+        host: &str,
+    ) -> Result<String, ControlError> {
+        let mut engine = self.engine(holder)?;
+        let shared = engine
+            .share_replica(pb::ShareReplicaRequest {
+                uuid: uuid.to_owned(),
+                allowed_hosts: vec![host.to_owned()],
+            })
+            .await
+            .map_err(engine_err(&holder.id))?
+            .into_inner();
+        Ok(format!(
+            "nvmf://{}/{}",
+            holder.nvmf_address, shared.share_nqn
+        ))
     }
 
     /// Tears down the volume's nexus. Idempotent; `node_id` empty means
@@ -502,7 +647,11 @@ impl Control {
         }
         self.destroy_nexus(&t.node, id).await?;
         for r in vol.replicas.iter().filter(|r| r.node != t.node) {
+            // An offline node's share goes with garbage collection.
             if let Ok(holder) = self.node(&r.node).await {
+                if !self.is_online(&holder) {
+                    continue;
+                }
                 let mut engine = self.engine(&holder)?;
                 match engine
                     .unshare_replica(pb::UnshareReplicaRequest {
@@ -589,7 +738,11 @@ impl Control {
             let Ok(_guard) = self.lock(&vol.id) else {
                 continue;
             };
-            self.ensure_nexus(&vol, &node).await?;
+            let Ok(Some((mut vol, _))) = self.load::<VolumeSpec>(&vol.id).await else {
+                continue;
+            };
+            self.ensure_nexus(&mut vol, &node, vec![node.host_nqn.clone()])
+                .await?;
             restored += 1;
             tracing::info!(volume = %vol.id, node = node_id, "nexus restored");
         }

@@ -1,0 +1,785 @@
+//! The reconciler: brings every volume back to its wanted number of healthy
+//! replicas, and removes what no volume needs.
+//!
+//! One agent at a time runs it (the holder of [`CONTROL_LEASE`]), one round
+//! every `reconcile_period`. A round, for each volume:
+//!
+//! ```text
+//!  Creating/Deleting for longer than stale_op_after  -> finish (or undo) it
+//!  Ready:
+//!   1. replica on an offline node, or dropped by the
+//!      nexus health record                            -> healthy = false
+//!   2. the nexus (published, or a temporary rebuild one):
+//!      child FAULTED                                  -> healthy = false
+//!        its node online, dirty-region log valid      -> OnlineChild (resync)
+//!      child HEALTHY after a rebuild or resync        -> health record += it,
+//!                                                        healthy = true,
+//!                                                        the replica it
+//!                                                        replaces leaves
+//!      child naming no recorded replica               -> RemoveChild
+//!   3. replica unhealthy longer than replace_after
+//!      (or its node is gone)                          -> new replica elsewhere,
+//!                                                        recorded first
+//!                                                        (rebuilding = true)
+//!   4. rebuilding replica not in the nexus            -> create, share,
+//!                                                        AddChild; unpublished
+//!                                                        volumes first get a
+//!                                                        rebuild nexus
+//!                                                        (recorded first) on
+//!                                                        a healthy replica's
+//!                                                        node, open to no host
+//!   5. rebuild nexus with nothing left to rebuild     -> destroyed
+//! ```
+//!
+//! then garbage collection on every online node: replicas no volume record
+//! names are destroyed, nexuses where no record places one are destroyed,
+//! shares no nexus needs are removed. Engines are listed before records are
+//! read, and every object is recorded before it is made, so nothing in the
+//! middle of being made is collected.
+//!
+//! Every step is idempotent: intent is written to the volume record (with
+//! compare-and-put, so a concurrent change aborts the round for that
+//! volume) before the engines are touched, and a round cut short anywhere
+//! is finished by the next one.
+
+use std::collections::{HashMap, HashSet};
+
+use cairn_proto::engine::v1 as pb;
+use tonic::Code;
+
+use super::lease::CONTROL_LEASE;
+use super::placement::{place, PlacementRequest};
+use super::{engine_err, now_secs, Control};
+use crate::error::ControlError;
+use crate::model::{
+    replica_of_child_uri, NexusHealth, NodeRecord, ReplicaSpec, VolumePhase, VolumeSpec,
+};
+
+/// What one reconciler round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Replicas newly marked unhealthy.
+    pub marked_unhealthy: usize,
+    /// Faulted children brought back with OnlineChild.
+    pub onlined: usize,
+    /// Replacement replicas placed (recorded).
+    pub replacements_placed: usize,
+    /// Children added to a nexus to be rebuilt.
+    pub rebuilds_started: usize,
+    /// Rebuilt or resynced replicas marked healthy.
+    pub rebuilds_finished: usize,
+    /// Rebuild nexuses created for unpublished volumes.
+    pub rebuild_nexuses_created: usize,
+    /// Rebuild nexuses torn down after their work.
+    pub rebuild_nexuses_removed: usize,
+    /// Creations and deletions cut short earlier and finished now.
+    pub finished_ops: usize,
+    pub gc_replicas: usize,
+    pub gc_nexuses: usize,
+    pub gc_shares: usize,
+    /// What failed (retried next round).
+    pub errors: Vec<String>,
+}
+
+impl RoundReport {
+    /// True when the round changed nothing and met no error.
+    pub fn is_quiet(&self) -> bool {
+        *self == RoundReport::default()
+    }
+}
+
+/// Runs reconciler rounds for as long as the future lives, whenever
+/// `holder` holds (or can take) the control lease.
+pub async fn run(control: Control, holder: String) {
+    let period = control.cfg.reconcile_period;
+    loop {
+        match control.acquire_lease(CONTROL_LEASE, &holder).await {
+            Ok(true) => {
+                let report = control.reconcile_once().await;
+                if !report.is_quiet() {
+                    tracing::info!(holder = %holder, ?report, "reconciler round");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(holder = %holder, error = %e, "cannot take the control lease"),
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// The registered nodes, with their liveness fixed for one round.
+struct View {
+    nodes: Vec<NodeRecord>,
+    online: HashSet<String>,
+}
+
+impl View {
+    fn is_online(&self, id: &str) -> bool {
+        self.online.contains(id)
+    }
+
+    fn online_node(&self, id: &str) -> Option<&NodeRecord> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id && self.online.contains(id))
+    }
+
+    fn known(&self, id: &str) -> bool {
+        self.nodes.iter().any(|n| n.id == id)
+    }
+}
+
+fn retire(r: &mut ReplicaSpec, now: i64) {
+    r.healthy = false;
+    r.unhealthy_since = now;
+}
+
+fn local_uri(uuid: &str) -> String {
+    format!("replica:///{uuid}")
+}
+
+impl Control {
+    /// One reconciler round over every volume, then garbage collection.
+    /// Errors are collected in the report; the next round retries.
+    pub async fn reconcile_once(&self) -> RoundReport {
+        let mut rep = RoundReport::default();
+        let nodes = match self.nodes().await {
+            Ok(n) => n,
+            Err(e) => {
+                rep.errors.push(e.to_string());
+                return rep;
+            }
+        };
+        let online = nodes
+            .iter()
+            .filter(|n| self.is_online(n))
+            .map(|n| n.id.clone())
+            .collect();
+        let view = View { nodes, online };
+        let ids: Vec<String> = match self.volumes().await {
+            Ok(v) => v.into_iter().map(|v| v.id).collect(),
+            Err(e) => {
+                rep.errors.push(e.to_string());
+                return rep;
+            }
+        };
+        for id in ids {
+            if let Err(e) = self.reconcile_volume(&id, &view, &mut rep).await {
+                rep.errors.push(format!("volume {id}: {e}"));
+            }
+        }
+        if self.cfg.garbage_collect {
+            if let Err(e) = self.collect_garbage(&view, &mut rep).await {
+                rep.errors.push(format!("garbage collection: {e}"));
+            }
+        }
+        rep
+    }
+
+    /// Writes the volume record if nobody changed it since `ver`.
+    async fn commit(&self, vol: &VolumeSpec, ver: &mut u64) -> Result<bool, ControlError> {
+        match self.save_if(vol, *ver).await? {
+            Some(v) => {
+                *ver = v;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn find_nexus(
+        &self,
+        node: &NodeRecord,
+        id: &str,
+    ) -> Result<Option<pb::Nexus>, ControlError> {
+        let mut engine = self.engine(node)?;
+        Ok(engine
+            .list_nexuses(pb::ListNexusesRequest {})
+            .await
+            .map_err(engine_err(&node.id))?
+            .into_inner()
+            .nexuses
+            .into_iter()
+            .find(|n| n.uuid == id))
+    }
+
+    async fn reconcile_volume(
+        &self,
+        id: &str,
+        view: &View,
+        rep: &mut RoundReport,
+    ) -> Result<(), ControlError> {
+        // Busy: an operation on the volume is running here; next round.
+        let Ok(_guard) = self.lock(id) else {
+            return Ok(());
+        };
+        let Some((mut vol, mut ver)) = self.load::<VolumeSpec>(id).await? else {
+            return Ok(());
+        };
+        let now = now_secs();
+        let stale = now.saturating_sub(vol.phase_since) >= self.cfg.stale_op_after.as_secs() as i64;
+        match vol.phase {
+            VolumePhase::Creating if stale => {
+                if vol.replicas.iter().all(|r| view.is_online(&r.node)) {
+                    self.finish_create(&mut vol).await?;
+                } else {
+                    // A chosen node is gone: undo; a retried create
+                    // places the volume again.
+                    vol.phase = VolumePhase::Deleting;
+                    vol.phase_since = now;
+                    if !self.commit(&vol, &mut ver).await? {
+                        return Ok(());
+                    }
+                    self.finish_delete(&vol).await?;
+                }
+                rep.finished_ops += 1;
+                return Ok(());
+            }
+            VolumePhase::Deleting if stale => {
+                self.finish_delete(&vol).await?;
+                rep.finished_ops += 1;
+                return Ok(());
+            }
+            VolumePhase::Ready => {}
+            VolumePhase::Creating | VolumePhase::Deleting => return Ok(()),
+        }
+        let (record, record_ver) = match self.load::<NexusHealth>(id).await? {
+            Some((h, v)) => (Some(h), v),
+            None => (None, 0),
+        };
+
+        // 1. Offline nodes and the health record retire replicas; a
+        // replacement whose node went away is dropped (placed again later).
+        let mut changed = false;
+        let before = vol.replicas.len();
+        vol.replicas
+            .retain(|r| !(r.rebuilding && r.replaces.is_some() && !view.is_online(&r.node)));
+        changed |= vol.replicas.len() != before;
+        for r in vol.replicas.iter_mut() {
+            let dropped = record
+                .as_ref()
+                .is_some_and(|h| !h.healthy.contains(&r.uuid));
+            if r.healthy && (!view.is_online(&r.node) || dropped) {
+                retire(r, now);
+                rep.marked_unhealthy += 1;
+                changed = true;
+                tracing::warn!(volume = %id, replica = %r.uuid, node = %r.node, "replica marked unhealthy");
+            } else if !r.healthy && r.unhealthy_since == 0 {
+                r.unhealthy_since = now;
+                changed = true;
+            }
+            if r.rebuilding && r.replaces.is_none() && !view.is_online(&r.node) {
+                r.rebuilding = false;
+                changed = true;
+            }
+        }
+        if changed && !self.commit(&vol, &mut ver).await? {
+            return Ok(());
+        }
+        changed = false;
+
+        // 2. The nexus that serves or rebuilds the volume.
+        let mut nexus: Option<(NodeRecord, pb::Nexus)> = None;
+        if let Some(nn) = vol.nexus_node().map(str::to_owned) {
+            let Some(node) = view.online_node(&nn).cloned() else {
+                if vol.target.is_none() {
+                    // The rebuild nexus's node is gone: start over elsewhere.
+                    vol.rebuild_nexus = None;
+                    for r in vol.replicas.iter_mut() {
+                        r.rebuilding &= r.replaces.is_some();
+                    }
+                    vol.replicas
+                        .retain(|r| !(r.rebuilding && r.replaces.is_some()));
+                    self.commit(&vol, &mut ver).await?;
+                }
+                // A published volume whose nexus node is down waits for it.
+                return Ok(());
+            };
+            match self.find_nexus(&node, id).await? {
+                Some(nx) => nexus = Some((node, nx)),
+                None => {
+                    // The engine lost it (restart): build it again; the
+                    // next round drives it.
+                    let hosts = if vol.target.is_some() {
+                        vec![node.host_nqn.clone()]
+                    } else {
+                        vec![node.engine_host_nqn.clone()]
+                    };
+                    self.ensure_nexus(&mut vol, &node, hosts).await?;
+                    tracing::info!(volume = %id, node = %node.id, "nexus re-created");
+                    return Ok(());
+                }
+            }
+        }
+
+        // 3. The nexus's children.
+        let replaced: HashSet<String> = vol
+            .replicas
+            .iter()
+            .filter_map(|r| r.replaces.clone())
+            .collect();
+        let mut uri_of: HashMap<String, String> = HashMap::new();
+        let mut remove_uris: Vec<String> = Vec::new();
+        let mut became_healthy: Vec<String> = Vec::new();
+        let mut drop_uuids: Vec<String> = Vec::new();
+        // (replica, child uri, the dirty-region log can tell)
+        let mut faulted_back: Vec<(String, String, bool)> = Vec::new();
+        if let Some((_, nx)) = &nexus {
+            for c in &nx.children {
+                let Some(u) = replica_of_child_uri(&c.uri) else {
+                    remove_uris.push(c.uri.clone());
+                    continue;
+                };
+                uri_of.insert(u.to_owned(), c.uri.clone());
+                let Some(r) = vol.replicas.iter_mut().find(|r| r.uuid == u) else {
+                    remove_uris.push(c.uri.clone());
+                    continue;
+                };
+                match pb::ChildState::try_from(c.state) {
+                    Ok(pb::ChildState::Faulted) => {
+                        if r.healthy {
+                            retire(r, now);
+                            rep.marked_unhealthy += 1;
+                            changed = true;
+                        }
+                        if r.rebuilding && r.replaces.is_some() {
+                            // A failed replacement: drop it, place another.
+                            drop_uuids.push(r.uuid.clone());
+                            remove_uris.push(c.uri.clone());
+                        } else if !replaced.contains(&r.uuid) && view.is_online(&r.node) {
+                            faulted_back.push((
+                                r.uuid.clone(),
+                                c.uri.clone(),
+                                c.dirty_bytes.is_some(),
+                            ));
+                        }
+                    }
+                    Ok(pb::ChildState::Healthy)
+                        if r.rebuilding || (!r.healthy && !replaced.contains(&r.uuid)) =>
+                    {
+                        became_healthy.push(r.uuid.clone());
+                    }
+                    _ => {}
+                }
+            }
+            // A replica the nexus does not write to is not healthy.
+            for r in vol.replicas.iter_mut() {
+                if r.healthy && !uri_of.contains_key(&r.uuid) {
+                    retire(r, now);
+                    rep.marked_unhealthy += 1;
+                    changed = true;
+                }
+            }
+        }
+        let mut retired: Vec<ReplicaSpec> = Vec::new();
+        if !became_healthy.is_empty()
+            && self
+                .add_to_health_record(id, record_ver, &became_healthy)
+                .await?
+        {
+            for u in &became_healthy {
+                if let Some(r) = vol.replicas.iter_mut().find(|r| &r.uuid == u) {
+                    r.healthy = true;
+                    r.rebuilding = false;
+                    r.unhealthy_since = 0;
+                    if let Some(old) = r.replaces.take() {
+                        drop_uuids.push(old);
+                    }
+                    rep.rebuilds_finished += 1;
+                    tracing::info!(volume = %id, replica = %u, "replica healthy again");
+                }
+            }
+            changed = true;
+        }
+        if !drop_uuids.is_empty() {
+            retired = vol
+                .replicas
+                .iter()
+                .filter(|r| drop_uuids.contains(&r.uuid))
+                .cloned()
+                .collect();
+            vol.replicas.retain(|r| !drop_uuids.contains(&r.uuid));
+            changed = true;
+            for r in &retired {
+                if let Some(uri) = uri_of.get(&r.uuid) {
+                    if !remove_uris.contains(uri) {
+                        remove_uris.push(uri.clone());
+                    }
+                }
+            }
+        }
+        if changed && !self.commit(&vol, &mut ver).await? {
+            return Ok(());
+        }
+        changed = false;
+        if let Some((node, _)) = &nexus {
+            let mut engine = self.engine(node)?;
+            for uri in &remove_uris {
+                match engine
+                    .remove_child(pb::RemoveChildRequest {
+                        uuid: id.to_owned(),
+                        uri: uri.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(s) if s.code() == Code::NotFound => {}
+                    Err(s) => rep
+                        .errors
+                        .push(format!("volume {id}: remove child {uri}: {s}")),
+                }
+            }
+        }
+        for r in &retired {
+            // An unreachable node's replica is collected when it returns.
+            if let Err(e) = self.destroy_replica(r).await {
+                rep.errors
+                    .push(format!("volume {id}: destroy replica {}: {e}", r.uuid));
+            }
+        }
+
+        // Faulted children whose node is back, with a usable log: resync.
+        let mut onlined: HashSet<String> = HashSet::new();
+        if let Some((node, _)) = &nexus {
+            for (u, uri, dirty) in &faulted_back {
+                if *dirty && self.online_child(&vol, node, view, u, uri, rep).await {
+                    onlined.insert(u.clone());
+                }
+            }
+        }
+
+        // 4. Replace replicas unhealthy for too long.
+        let has_source = vol
+            .replicas
+            .iter()
+            .any(|r| r.healthy && view.is_online(&r.node));
+        let replace_after = self.cfg.replace_after.as_secs() as i64;
+        let replaced: HashSet<String> = vol
+            .replicas
+            .iter()
+            .filter_map(|r| r.replaces.clone())
+            .collect();
+        let due: Vec<String> = vol
+            .replicas
+            .iter()
+            .filter(|r| {
+                !r.healthy
+                    && !r.rebuilding
+                    && !replaced.contains(&r.uuid)
+                    && !onlined.contains(&r.uuid)
+                    && (now.saturating_sub(r.unhealthy_since) >= replace_after
+                        || !view.known(&r.node))
+            })
+            .map(|r| r.uuid.clone())
+            .collect();
+        let mut full_online: Vec<String> = Vec::new();
+        if has_source {
+            for old in due {
+                let exclude: Vec<String> = vol.replicas.iter().map(|r| r.node.clone()).collect();
+                let placed = place(
+                    &view.nodes,
+                    |n| view.is_online(&n.id),
+                    &PlacementRequest {
+                        size: vol.size_bytes,
+                        count: 1,
+                        thin: vol.thin,
+                        overcommit_pct: self.cfg.overcommit_pct,
+                        requisite: vec![],
+                        preferred: vec![],
+                        exclude,
+                    },
+                );
+                match placed {
+                    Ok(p) if !p.is_empty() => {
+                        let new = ReplicaSpec {
+                            uuid: uuid::Uuid::new_v4().to_string(),
+                            node: p[0].node.clone(),
+                            pool: p[0].pool.clone(),
+                            healthy: false,
+                            unhealthy_since: now,
+                            rebuilding: true,
+                            replaces: Some(old.clone()),
+                        };
+                        tracing::info!(volume = %id, old = %old, new = %new.uuid, node = %new.node, "replacement replica placed");
+                        vol.replicas.push(new);
+                        rep.replacements_placed += 1;
+                        changed = true;
+                    }
+                    _ => {
+                        // Nowhere else to go: rebuild it in place once its
+                        // node is back (a full copy).
+                        let Some(r) = vol.replicas.iter_mut().find(|r| r.uuid == old) else {
+                            continue;
+                        };
+                        if !view.is_online(&r.node) {
+                            continue;
+                        }
+                        if uri_of.contains_key(&old) {
+                            full_online.push(old.clone());
+                        } else {
+                            r.rebuilding = true;
+                            changed = true;
+                        }
+                    }
+                }
+            }
+        }
+        if changed && !self.commit(&vol, &mut ver).await? {
+            return Ok(());
+        }
+        if let Some((node, _)) = &nexus {
+            for u in &full_online {
+                if let Some(uri) = uri_of.get(u) {
+                    self.online_child(&vol, node, view, u, uri, rep).await;
+                }
+            }
+        }
+
+        // 5. Rebuilding replicas the nexus lacks: add them.
+        let pending: Vec<ReplicaSpec> = vol
+            .replicas
+            .iter()
+            .filter(|r| r.rebuilding && !uri_of.contains_key(&r.uuid) && view.is_online(&r.node))
+            .cloned()
+            .collect();
+        if !pending.is_empty() {
+            let node = match &nexus {
+                Some((node, _)) => node.clone(),
+                None => {
+                    let source = vol.replicas.iter().find(|r| {
+                        r.healthy
+                            && view.is_online(&r.node)
+                            && record.as_ref().is_none_or(|h| h.healthy.contains(&r.uuid))
+                    });
+                    let Some(node) = source.and_then(|r| view.online_node(&r.node)).cloned() else {
+                        return Ok(());
+                    };
+                    // Intent first, so a crash leaves a nexus that is found.
+                    vol.rebuild_nexus = Some(node.id.clone());
+                    if !self.commit(&vol, &mut ver).await? {
+                        return Ok(());
+                    }
+                    // Open to no host: only this engine's own NQN.
+                    self.ensure_nexus(&mut vol, &node, vec![node.engine_host_nqn.clone()])
+                        .await?;
+                    rep.rebuild_nexuses_created += 1;
+                    tracing::info!(volume = %id, node = %node.id, "rebuild nexus created");
+                    node
+                }
+            };
+            for r in &pending {
+                if let Err(e) = self.add_rebuild_child(&vol, &node, view, r).await {
+                    rep.errors
+                        .push(format!("volume {id}: add child {}: {e}", r.uuid));
+                } else {
+                    rep.rebuilds_started += 1;
+                }
+            }
+            return Ok(());
+        }
+
+        // 6. A rebuild nexus with nothing left to rebuild goes.
+        if vol.target.is_none() && !vol.replicas.iter().any(|r| r.rebuilding) {
+            if let Some(nn) = vol.rebuild_nexus.take() {
+                if !self.commit(&vol, &mut ver).await? {
+                    return Ok(());
+                }
+                self.destroy_nexus(&nn, id).await?;
+                rep.rebuild_nexuses_removed += 1;
+                tracing::info!(volume = %id, node = %nn, "rebuild nexus removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Shares a faulted child's replica again (its engine may have
+    /// restarted) and brings it back with OnlineChild. True on success.
+    async fn online_child(
+        &self,
+        vol: &VolumeSpec,
+        nexus_node: &NodeRecord,
+        view: &View,
+        uuid: &str,
+        uri: &str,
+        rep: &mut RoundReport,
+    ) -> bool {
+        let Some(r) = vol.replicas.iter().find(|r| r.uuid == uuid) else {
+            return false;
+        };
+        let step = async {
+            if r.node != nexus_node.id {
+                let holder = view.online_node(&r.node).ok_or(ControlError::NotFound {
+                    kind: "node",
+                    id: r.node.clone(),
+                })?;
+                self.share_to(holder, uuid, &nexus_node.engine_host_nqn)
+                    .await?;
+            }
+            let mut engine = self.engine(nexus_node)?;
+            engine
+                .online_child(pb::OnlineChildRequest {
+                    uuid: vol.id.clone(),
+                    uri: uri.to_owned(),
+                })
+                .await
+                .map_err(engine_err(&nexus_node.id))?;
+            Ok::<_, ControlError>(())
+        };
+        match step.await {
+            Ok(()) => {
+                rep.onlined += 1;
+                tracing::info!(volume = %vol.id, replica = %uuid, "faulted child brought back");
+                true
+            }
+            Err(e) => {
+                rep.errors
+                    .push(format!("volume {}: online child {uri}: {e}", vol.id));
+                false
+            }
+        }
+    }
+
+    /// Creates a rebuilding replica, shares it to the nexus's engine and
+    /// adds it to the nexus.
+    async fn add_rebuild_child(
+        &self,
+        vol: &VolumeSpec,
+        nexus_node: &NodeRecord,
+        view: &View,
+        r: &ReplicaSpec,
+    ) -> Result<(), ControlError> {
+        let holder = view.online_node(&r.node).ok_or(ControlError::NotFound {
+            kind: "node",
+            id: r.node.clone(),
+        })?;
+        self.create_replica(holder, r, vol).await?;
+        let uri = if r.node == nexus_node.id {
+            local_uri(&r.uuid)
+        } else {
+            self.share_to(holder, &r.uuid, &nexus_node.engine_host_nqn)
+                .await?
+        };
+        let mut engine = self.engine(nexus_node)?;
+        match engine
+            .add_child(pb::AddChildRequest {
+                uuid: vol.id.clone(),
+                uri: uri.clone(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(engine_err(&nexus_node.id)(s)),
+        }
+        tracing::info!(volume = %vol.id, replica = %r.uuid, node = %r.node, nexus = %nexus_node.id, "rebuild started");
+        Ok(())
+    }
+
+    /// Destroys, on online nodes, replicas no volume record names, nexuses
+    /// where no volume record places one, and shares no nexus needs.
+    async fn collect_garbage(
+        &self,
+        view: &View,
+        rep: &mut RoundReport,
+    ) -> Result<(), ControlError> {
+        // Engines first, records second: whatever an engine holds was
+        // recorded before it was made, so it shows in the later read.
+        let mut seen = Vec::new();
+        for node in view.nodes.iter().filter(|n| view.is_online(&n.id)) {
+            let mut engine = self.engine(node)?;
+            let listed = async {
+                let replicas = engine
+                    .list_replicas(pb::ListReplicasRequest::default())
+                    .await?
+                    .into_inner()
+                    .replicas;
+                let nexuses = engine
+                    .list_nexuses(pb::ListNexusesRequest {})
+                    .await?
+                    .into_inner()
+                    .nexuses;
+                Ok::<_, tonic::Status>((replicas, nexuses))
+            };
+            match listed.await {
+                Ok((replicas, nexuses)) => seen.push((node, replicas, nexuses)),
+                Err(s) => rep.errors.push(format!("listing node {}: {s}", node.id)),
+            }
+        }
+        let volumes: HashMap<String, VolumeSpec> = self
+            .volumes()
+            .await?
+            .into_iter()
+            .map(|v| (v.id.clone(), v))
+            .collect();
+        let owner: HashMap<&str, &VolumeSpec> = volumes
+            .values()
+            .flat_map(|v| v.replicas.iter().map(move |r| (r.uuid.as_str(), v)))
+            .collect();
+        let busy = self.busy.lock().expect("poisoned").clone();
+        for (node, replicas, nexuses) in seen {
+            let mut engine = self.engine(node)?;
+            for nx in nexuses {
+                let keep = busy.contains(&nx.uuid)
+                    || volumes.get(&nx.uuid).is_some_and(|v| {
+                        v.nexus_node() == Some(node.id.as_str()) || v.phase == VolumePhase::Deleting
+                    });
+                if keep {
+                    continue;
+                }
+                match engine
+                    .destroy_nexus(pb::DestroyNexusRequest {
+                        uuid: nx.uuid.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => {
+                        rep.gc_nexuses += 1;
+                        tracing::info!(node = %node.id, nexus = %nx.uuid, "orphaned nexus destroyed");
+                    }
+                    Err(s) if s.code() == Code::NotFound => {}
+                    Err(s) => rep
+                        .errors
+                        .push(format!("destroy nexus {} on {}: {s}", nx.uuid, node.id)),
+                }
+            }
+            for r in replicas {
+                match owner.get(r.uuid.as_str()) {
+                    None => match engine
+                        .destroy_replica(pb::DestroyReplicaRequest {
+                            uuid: r.uuid.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            rep.gc_replicas += 1;
+                            tracing::info!(node = %node.id, replica = %r.uuid, "orphaned replica destroyed");
+                        }
+                        Err(s) if s.code() == Code::NotFound => {}
+                        Err(s) => rep
+                            .errors
+                            .push(format!("destroy replica {} on {}: {s}", r.uuid, node.id)),
+                    },
+                    Some(v) => {
+                        let needed = v.nexus_node().is_some_and(|n| n != node.id);
+                        if r.share_nqn.is_empty() || needed || busy.contains(&v.id) {
+                            continue;
+                        }
+                        match engine
+                            .unshare_replica(pb::UnshareReplicaRequest {
+                                uuid: r.uuid.clone(),
+                            })
+                            .await
+                        {
+                            Ok(_) => rep.gc_shares += 1,
+                            Err(s) if s.code() == Code::NotFound => {}
+                            Err(s) => rep
+                                .errors
+                                .push(format!("unshare {} on {}: {s}", r.uuid, node.id)),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
