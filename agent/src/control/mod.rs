@@ -324,14 +324,14 @@ impl Control {
         }
         let id = volume_id_for_name(&req.name);
         let _guard = self.lock(&id)?;
-        let mut vol = match self.load::<VolumeSpec>(&id).await? {
+        let (mut vol, version) = match self.load::<VolumeSpec>(&id).await? {
             Some((v, _)) if v.phase == VolumePhase::Deleting => {
                 return Err(ControlError::FailedPrecondition(format!(
                     "volume {} is being deleted",
                     v.name
                 )))
             }
-            Some((v, _)) => {
+            Some((v, version)) => {
                 let fits = if req.min_bytes == 0 && req.max_bytes == 0 {
                     v.size_bytes == req.size_bytes
                 } else {
@@ -347,7 +347,7 @@ impl Control {
                         ),
                     });
                 }
-                v
+                (v, version)
             }
             None => {
                 let nodes = self.nodes().await?;
@@ -391,26 +391,42 @@ impl Control {
                     phase_since: now_secs(),
                 };
                 // Intent first: a crash after this point leaves a record that
-                // the retry finishes or a delete cleans up.
-                self.save(&vol).await?;
-                vol
+                // the retry (or the reconciler) finishes. Only if absent: an
+                // agent creating the same volume at once wins, and this
+                // call's retry finishes that one's record.
+                match self.save_if(&vol, 0).await? {
+                    Some(version) => (vol, version),
+                    None => return Err(ControlError::Busy { id }),
+                }
             }
         };
         if vol.phase == VolumePhase::Creating {
-            self.finish_create(&mut vol).await?;
+            self.finish_create(&mut vol, version).await?;
         }
         Ok(vol)
     }
 
-    /// Creates every replica of a `Creating` volume and marks it ready.
-    async fn finish_create(&self, vol: &mut VolumeSpec) -> Result<(), ControlError> {
+    /// Creates every replica of a `Creating` volume recorded at `version`
+    /// and marks it ready, unless the record changed meanwhile (another
+    /// agent finished it, or a delete started).
+    async fn finish_create(&self, vol: &mut VolumeSpec, version: u64) -> Result<(), ControlError> {
         for r in &vol.replicas {
             let node = self.node(&r.node).await?;
             self.create_replica(&node, r, vol).await?;
         }
         vol.phase = VolumePhase::Ready;
         vol.phase_since = now_secs();
-        self.save(vol).await?;
+        if self.save_if(vol, version).await?.is_none() {
+            match self.load::<VolumeSpec>(&vol.id).await? {
+                Some((now, _))
+                    if now.phase == VolumePhase::Ready && now.replicas == vol.replicas =>
+                {
+                    *vol = now;
+                    return Ok(());
+                }
+                _ => return Err(ControlError::Busy { id: vol.id.clone() }),
+            }
+        }
         tracing::info!(volume = %vol.id, name = %vol.name, replicas = vol.replicas.len(), "volume created");
         Ok(())
     }
@@ -418,13 +434,17 @@ impl Control {
     /// Deletes a volume and its replicas. Deleting an unknown volume succeeds.
     pub async fn delete_volume(&self, id: &str) -> Result<(), ControlError> {
         let _guard = self.lock(id)?;
-        let Some((mut vol, _)) = self.load::<VolumeSpec>(id).await? else {
+        let Some((mut vol, version)) = self.load::<VolumeSpec>(id).await? else {
             return Ok(());
         };
         if vol.phase != VolumePhase::Deleting {
             vol.phase = VolumePhase::Deleting;
             vol.phase_since = now_secs();
-            self.save(&vol).await?;
+            // Against the version read: a creation finishing elsewhere
+            // must not be overwritten by a stale copy.
+            if self.save_if(&vol, version).await?.is_none() {
+                return Err(ControlError::Busy { id: id.to_owned() });
+            }
         }
         self.finish_delete(&vol).await
     }

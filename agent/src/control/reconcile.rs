@@ -7,7 +7,7 @@
 //! ```text
 //!  Creating/Deleting for longer than stale_op_after  -> finish (or undo) it
 //!  Ready:
-//!   1. replica on an offline node, or dropped by the
+//!   1. replica on a dead node, or dropped by the
 //!      nexus health record                            -> healthy = false
 //!   2. the nexus (published, or a temporary rebuild one):
 //!      child FAULTED                                  -> healthy = false
@@ -111,9 +111,16 @@ pub async fn run(control: Control, holder: String) {
 struct View {
     nodes: Vec<NodeRecord>,
     online: HashSet<String>,
+    /// Nodes offline for longer than the node lease plus `replace_after`:
+    /// their replicas count as lost, not as away for a blip.
+    dead: HashSet<String>,
 }
 
 impl View {
+    fn is_dead(&self, id: &str) -> bool {
+        self.dead.contains(id) || !self.known(id)
+    }
+
     fn is_online(&self, id: &str) -> bool {
         self.online.contains(id)
     }
@@ -155,7 +162,17 @@ impl Control {
             .filter(|n| self.is_online(n))
             .map(|n| n.id.clone())
             .collect();
-        let view = View { nodes, online };
+        let dead_after = (self.cfg.node_lease + self.cfg.replace_after).as_secs() as i64;
+        let dead = nodes
+            .iter()
+            .filter(|n| now_secs().saturating_sub(n.last_seen) > dead_after)
+            .map(|n| n.id.clone())
+            .collect();
+        let view = View {
+            nodes,
+            online,
+            dead,
+        };
         let ids: Vec<String> = match self.volumes().await {
             Ok(v) => v.into_iter().map(|v| v.id).collect(),
             Err(e) => {
@@ -221,7 +238,7 @@ impl Control {
         match vol.phase {
             VolumePhase::Creating if stale => {
                 if vol.replicas.iter().all(|r| view.is_online(&r.node)) {
-                    self.finish_create(&mut vol).await?;
+                    self.finish_create(&mut vol, ver).await?;
                 } else {
                     // A chosen node is gone: undo; a retried create
                     // places the volume again.
@@ -248,18 +265,20 @@ impl Control {
             None => (None, 0),
         };
 
-        // 1. Offline nodes and the health record retire replicas; a
-        // replacement whose node went away is dropped (placed again later).
+        // 1. Dead nodes and the health record retire replicas; a
+        // replacement whose node died is dropped (placed again later). A
+        // node away for a blip retires nothing by itself: a nexus that
+        // writes while it is away faults the child and records that.
         let mut changed = false;
         let before = vol.replicas.len();
         vol.replicas
-            .retain(|r| !(r.rebuilding && r.replaces.is_some() && !view.is_online(&r.node)));
+            .retain(|r| !(r.rebuilding && r.replaces.is_some() && view.is_dead(&r.node)));
         changed |= vol.replicas.len() != before;
         for r in vol.replicas.iter_mut() {
             let dropped = record
                 .as_ref()
                 .is_some_and(|h| !h.healthy.contains(&r.uuid));
-            if r.healthy && (!view.is_online(&r.node) || dropped) {
+            if r.healthy && (view.is_dead(&r.node) || dropped) {
                 retire(r, now);
                 rep.marked_unhealthy += 1;
                 changed = true;
@@ -468,7 +487,7 @@ impl Control {
                     && !replaced.contains(&r.uuid)
                     && !onlined.contains(&r.uuid)
                     && (now.saturating_sub(r.unhealthy_since) >= replace_after
-                        || !view.known(&r.node))
+                        || view.is_dead(&r.node))
             })
             .map(|r| r.uuid.clone())
             .collect();
