@@ -242,6 +242,8 @@ impl Node {
             nexus: NexusConfig {
                 io_timeout: Duration::from_secs(2),
                 pause: Duration::from_secs(3),
+                // Slow enough that a rebuild's progress can be watched.
+                rebuild_rate: 16 * MIB,
                 ..NexusConfig::default()
             },
         };
@@ -670,6 +672,20 @@ fn create_req(name: &str, replicas: u32, zones: &[&str]) -> apb::CreateVolumeReq
     }
 }
 
+/// `cairnctl --json volume get ID` against an agent.
+fn cairnctl_json(agent: &str, id: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+        .args(["--agent", agent, "--json", "volume", "get", id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 // ---- the tests -------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,7 +729,32 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
             7 + i as u64,
         ));
     }
+    // A third volume is written through n3, then unpublished: it is cold
+    // when n4 dies, and is healed through a temporary nexus.
+    let cold = api
+        .create_volume(create_req("cold", 2, &["z3", "z4"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = api
+        .publish_volume(apb::PublishVolumeRequest {
+            id: cold.id.clone(),
+            node: "n3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = p.target.unwrap();
+    let w = Writer::start(&t.address, &t.nqn, &c.nodes[1].host_nqn(), 3);
     tokio::time::sleep(Duration::from_millis(800)).await;
+    let cold_written = w.finish();
+    assert!(cold_written.errors.is_empty(), "{:?}", cold_written.errors);
+    api.unpublish_volume(apb::UnpublishVolumeRequest {
+        id: cold.id.clone(),
+        node: String::new(),
+    })
+    .await
+    .unwrap();
 
     // n4 dies: agent and engine.
     let killed_at = Instant::now();
@@ -731,12 +772,50 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         .clone();
 
     // The 2-replica volume gets a replacement on n3, rebuilt while the
-    // writer goes on.
-    let rebuilt = until(Duration::from_secs(40), "replacement rebuilt", || async {
-        let v = c.observer.volume(&two.id).await.ok()?;
-        (healthy_nodes(&v) == ["n2", "n3"] && v.replicas.len() == 2).then_some(v)
-    })
-    .await;
+    // writer goes on; the API and cairnctl show its progress meanwhile.
+    let mut seen_progress: Option<serde_json::Value> = None;
+    let agent = c.nodes[0].agent_endpoint();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let rebuilt = loop {
+        if seen_progress.is_none() {
+            let shown = api
+                .get_volume(apb::GetVolumeRequest { id: two.id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if shown
+                .replicas
+                .iter()
+                .any(|r| r.state == "rebuilding" && r.rebuild.is_some())
+            {
+                let (agent, id) = (agent.clone(), two.id.clone());
+                seen_progress = Some(
+                    tokio::task::spawn_blocking(move || cairnctl_json(&agent, &id))
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        let v = c.observer.volume(&two.id).await.unwrap();
+        if healthy_nodes(&v) == ["n2", "n3"] && v.replicas.len() == 2 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no replacement rebuilt: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let shown = seen_progress.expect("the rebuild's progress was never shown");
+    println!("cairnctl during the rebuild: {shown}");
+    let rebuilding = shown[0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["state"] == "rebuilding" && !r["rebuild"].is_null())
+        .cloned();
+    let rebuilding = rebuilding.unwrap_or_else(|| panic!("{shown}"));
+    assert_eq!(rebuilding["node"], "n3");
+    assert_eq!(rebuilding["rebuild"]["kind"], "full");
+    assert!(rebuilding["rebuild"]["bytes_total"].as_u64().unwrap() > 0);
+    assert!(!rebuilding["replaces"].is_null());
     let replaced_after = killed_at.elapsed();
     assert!(rebuilt.replicas.iter().all(|r| r.uuid != old_two));
     let three_now = c.observer.volume(&three.id).await.unwrap();
@@ -762,6 +841,28 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         "a writer stopped early"
     );
 
+    // Once n4 counts as dead, the cold volume is healed through a nexus of
+    // its own, gone afterwards.
+    let healed = until(Duration::from_secs(40), "cold volume healed", || async {
+        let v = c.observer.volume(&cold.id).await.ok()?;
+        (healthy_nodes(&v) == ["n2", "n3"] && v.replicas.len() == 2 && v.rebuild_nexus.is_none())
+            .then_some(v)
+    })
+    .await;
+    for rep in &healed.replicas {
+        let engine = c
+            .nodes
+            .iter()
+            .find(|n| n.id == rep.node)
+            .unwrap()
+            .engine()
+            .clone();
+        let (uuid, expected) = (rep.uuid.clone(), cold_written.expected.clone());
+        tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
+            .await
+            .unwrap()
+            .unwrap();
+    }
     // n4 returns: the 3-replica volume's child is resynced from the log,
     // and the 2-replica volume's old replica there is collected.
     let back_at = Instant::now();
@@ -840,6 +941,18 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
     })
     .await;
     c.assert_no_orphans().await;
+    // Nexuses only where volumes are published.
+    for n in &c.nodes {
+        let mut nexuses: Vec<String> = n.engine().nexuses(|x| x.uuid.to_string());
+        nexuses.sort();
+        let mut want: Vec<String> = if n.id == "n2" {
+            vec![two.id.clone(), three.id.clone()]
+        } else {
+            vec![]
+        };
+        want.sort();
+        assert_eq!(nexuses, want, "nexuses on {}", n.id);
+    }
     println!(
         "writes {}/{}; replacement rebuilt {replaced_after:?} after the kill; \
          resync {resync_after:?} after the return; whole test {:?}",

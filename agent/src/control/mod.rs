@@ -97,14 +97,24 @@ pub struct Control {
     store: Arc<dyn Store>,
     cfg: ControlConfig,
     engines: Arc<Mutex<HashMap<String, EngineClient<Channel>>>>,
-    busy: Arc<Mutex<HashSet<String>>>,
+    /// Volumes with an operation in progress here, and who runs it.
+    busy: Arc<Mutex<HashMap<String, Holder>>>,
     /// Leases this process holds, with their expiry (Unix milliseconds).
     leases: Arc<Mutex<HashMap<String, i64>>>,
 }
 
+/// Who holds a volume's operation slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// A volume operation (an API call).
+    Operation,
+    /// The reconciler, for a short step; operations wait for it.
+    Reconciler,
+}
+
 /// Holds a volume's operation slot until dropped.
 struct VolumeGuard {
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Arc<Mutex<HashMap<String, Holder>>>,
     id: String,
 }
 
@@ -144,15 +154,32 @@ impl Control {
         &self.store
     }
 
-    fn lock(&self, id: &str) -> Result<VolumeGuard, ControlError> {
+    /// Takes the volume's slot for `holder`, or says who has it.
+    fn try_lock(&self, id: &str, holder: Holder) -> Result<VolumeGuard, Holder> {
         let mut busy = self.busy.lock().expect("poisoned");
-        if !busy.insert(id.to_owned()) {
-            return Err(ControlError::Busy { id: id.to_owned() });
+        if let Some(h) = busy.get(id) {
+            return Err(*h);
         }
+        busy.insert(id.to_owned(), holder);
         Ok(VolumeGuard {
             busy: self.busy.clone(),
             id: id.to_owned(),
         })
+    }
+
+    /// Takes the volume's slot for an operation. Another operation in
+    /// progress refuses it (`Busy`); the reconciler's step is waited for.
+    async fn lock(&self, id: &str) -> Result<VolumeGuard, ControlError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.engine_timeout * 2;
+        loop {
+            match self.try_lock(id, Holder::Operation) {
+                Ok(g) => return Ok(g),
+                Err(Holder::Reconciler) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => return Err(ControlError::Busy { id: id.to_owned() }),
+            }
+        }
     }
 
     /// Whether a node's heartbeat is recent enough.
@@ -323,7 +350,7 @@ impl Control {
             ));
         }
         let id = volume_id_for_name(&req.name);
-        let _guard = self.lock(&id)?;
+        let _guard = self.lock(&id).await?;
         let (mut vol, version) = match self.load::<VolumeSpec>(&id).await? {
             Some((v, _)) if v.phase == VolumePhase::Deleting => {
                 return Err(ControlError::FailedPrecondition(format!(
@@ -433,7 +460,7 @@ impl Control {
 
     /// Deletes a volume and its replicas. Deleting an unknown volume succeeds.
     pub async fn delete_volume(&self, id: &str) -> Result<(), ControlError> {
-        let _guard = self.lock(id)?;
+        let _guard = self.lock(id).await?;
         let Some((mut vol, version)) = self.load::<VolumeSpec>(id).await? else {
             return Ok(());
         };
@@ -496,7 +523,7 @@ impl Control {
         id: &str,
         node_id: &str,
     ) -> Result<VolumeSpec, ControlError> {
-        let _guard = self.lock(id)?;
+        let _guard = self.lock(id).await?;
         let mut vol = self.volume(id).await?;
         if vol.phase != VolumePhase::Ready {
             return Err(ControlError::FailedPrecondition(format!(
@@ -653,7 +680,7 @@ impl Control {
         id: &str,
         node_id: &str,
     ) -> Result<VolumeSpec, ControlError> {
-        let _guard = self.lock(id)?;
+        let _guard = self.lock(id).await?;
         let mut vol = match self.volume(id).await {
             Ok(v) => v,
             Err(e) => return Err(e),
@@ -697,7 +724,7 @@ impl Control {
         id: &str,
         size_bytes: u64,
     ) -> Result<VolumeSpec, ControlError> {
-        let _guard = self.lock(id)?;
+        let _guard = self.lock(id).await?;
         let mut vol = self.volume(id).await?;
         if size_bytes < vol.size_bytes {
             return Err(ControlError::FailedPrecondition(format!(
@@ -755,7 +782,7 @@ impl Control {
             if t.node != node_id || present.contains(&vol.id) {
                 continue;
             }
-            let Ok(_guard) = self.lock(&vol.id) else {
+            let Ok(_guard) = self.try_lock(&vol.id, Holder::Operation) else {
                 continue;
             };
             let Ok(Some((mut vol, _))) = self.load::<VolumeSpec>(&vol.id).await else {

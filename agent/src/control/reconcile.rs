@@ -49,7 +49,7 @@ use tonic::Code;
 
 use super::lease::CONTROL_LEASE;
 use super::placement::{place, PlacementRequest};
-use super::{engine_err, now_secs, Control};
+use super::{engine_err, now_secs, Control, Holder};
 use crate::error::ControlError;
 use crate::model::{
     replica_of_child_uri, NexusHealth, NodeRecord, ReplicaSpec, VolumePhase, VolumeSpec,
@@ -227,7 +227,7 @@ impl Control {
         rep: &mut RoundReport,
     ) -> Result<(), ControlError> {
         // Busy: an operation on the volume is running here; next round.
-        let Ok(_guard) = self.lock(id) else {
+        let Ok(_guard) = self.try_lock(id, Holder::Reconciler) else {
             return Ok(());
         };
         let Some((mut vol, mut ver)) = self.load::<VolumeSpec>(id).await? else {
@@ -734,7 +734,13 @@ impl Control {
             .values()
             .flat_map(|v| v.replicas.iter().map(move |r| (r.uuid.as_str(), v)))
             .collect();
-        let busy = self.busy.lock().expect("poisoned").clone();
+        let busy: HashSet<String> = self
+            .busy
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect();
         for (node, replicas, nexuses) in seen {
             let mut engine = self.engine(node)?;
             for nx in nexuses {

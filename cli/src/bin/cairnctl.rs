@@ -199,25 +199,105 @@ async fn engines(
     Ok(out)
 }
 
-fn volume_row(t: &mut Table, v: &apb::Volume) {
+/// "12.0MiB/32.0MiB (37%)" for a rebuild's progress.
+fn progress_text(p: &apb::RebuildStatus) -> String {
+    let pct = (p.bytes_done as f64 * 100.0 / p.bytes_total.max(1) as f64).min(100.0);
+    format!(
+        "{} {}/{} ({pct:.0}%)",
+        p.kind,
+        human_bytes(p.bytes_done),
+        human_bytes(p.bytes_total)
+    )
+}
+
+/// One replica as JSON: where it is, its state, and its rebuild progress.
+fn replica_json(r: &apb::ReplicaLocation) -> Value {
+    serde_json::json!({
+        "uuid": r.uuid,
+        "node": r.node,
+        "pool": r.pool,
+        "state": r.state,
+        "replaces": (!r.replaces.is_empty()).then_some(&r.replaces),
+        "rebuild": r.rebuild.as_ref().map(|p| serde_json::json!({
+            "kind": p.kind,
+            "bytes_done": p.bytes_done,
+            "bytes_total": p.bytes_total,
+            "rate_bytes_per_sec": p.rate_bytes_per_sec,
+            "eta_secs": p.eta_secs,
+        })),
+    })
+}
+
+/// "n2:healthy" or "n3:rebuilding 37%", for the one-line form.
+fn replica_brief(r: &apb::ReplicaLocation) -> String {
+    let state = if r.state.is_empty() {
+        if r.healthy {
+            "healthy"
+        } else {
+            "faulted"
+        }
+    } else {
+        r.state.as_str()
+    };
+    match &r.rebuild {
+        Some(p) => format!(
+            "{}:{state} {:.0}%",
+            r.node,
+            (p.bytes_done as f64 * 100.0 / p.bytes_total.max(1) as f64).min(100.0)
+        ),
+        None => format!("{}:{state}", r.node),
+    }
+}
+
+fn volume_row(t: &mut Table, v: &apb::Volume, json: bool) {
     let target = v
         .target
         .as_ref()
         .map(|t| Value::from(format!("{} {}", t.node, t.address)));
-    let replicas: Vec<String> = v
-        .replicas
-        .iter()
-        .map(|r| format!("{}{}", r.node, if r.healthy { "" } else { "(faulted)" }))
-        .collect();
+    let replicas = if json {
+        Value::Array(v.replicas.iter().map(replica_json).collect())
+    } else {
+        v.replicas
+            .iter()
+            .map(replica_brief)
+            .collect::<Vec<_>>()
+            .join(",")
+            .into()
+    };
     t.row(vec![
         v.id.clone().into(),
         v.name.clone().into(),
         human_bytes(v.size_bytes).into(),
         v.replicas_wanted.into(),
-        replicas.join(",").into(),
+        replicas,
         v.status.clone().into(),
         target.unwrap_or(Value::Null),
     ]);
+}
+
+/// The replicas of one volume, a row each, with rebuild progress.
+fn replica_table(v: &apb::Volume) -> Table {
+    let mut t = Table::new(&["uuid", "node", "pool", "state", "rebuild", "rate", "eta"]);
+    for r in &v.replicas {
+        let (progress, rate, eta) = match &r.rebuild {
+            Some(p) => (
+                Value::from(progress_text(p)),
+                Value::from(format!("{}/s", human_bytes(p.rate_bytes_per_sec))),
+                Value::from(format!("{}s", p.eta_secs)),
+            ),
+            None => (Value::Null, Value::Null, Value::Null),
+        };
+        t.row(vec![
+            r.uuid.clone().into(),
+            r.node.clone().into(),
+            r.pool.clone().into(),
+            r.state.clone().into(),
+            progress,
+            rate,
+            eta,
+        ]);
+    }
+    t
 }
 
 const VOLUME_HEADERS: &[&str] = &["id", "name", "size", "repl", "replicas", "status", "target"];
@@ -349,8 +429,12 @@ async fn volume(
 ) -> anyhow::Result<()> {
     let one = |v: apb::Volume| {
         let mut t = Table::new(VOLUME_HEADERS);
-        volume_row(&mut t, &v);
+        volume_row(&mut t, &v, json);
         t.print(json);
+        if !json && !v.replicas.is_empty() {
+            println!();
+            replica_table(&v).print(false);
+        }
     };
     match cmd {
         VolumeCmd::List => {
@@ -364,7 +448,9 @@ async fn volume(
                     })
                     .await?
                     .into_inner();
-                page.volumes.iter().for_each(|v| volume_row(&mut t, v));
+                page.volumes
+                    .iter()
+                    .for_each(|v| volume_row(&mut t, v, json));
                 if page.next_token.is_empty() {
                     break;
                 }
