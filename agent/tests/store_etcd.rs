@@ -402,3 +402,82 @@ async fn nothing_listening_is_unavailable_not_a_hang() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_control_lease_has_one_holder_on_etcd_and_passes_on_after_expiry() {
+    use cairn_agent::control::lease::CONTROL_LEASE;
+    use cairn_agent::control::{Control, ControlConfig};
+    use std::sync::Arc;
+
+    let mut etcd = Etcd::start();
+    let cfg = ControlConfig {
+        lease_ttl: Duration::from_millis(800),
+        ..ControlConfig::default()
+    };
+    let a = Control::new(
+        Arc::new(open_etcd_with(&etcd, OP_TIMEOUT).await),
+        cfg.clone(),
+    );
+    let b = Control::new(Arc::new(open_etcd_with(&etcd, OP_TIMEOUT).await), cfg);
+
+    // Both race for it: exactly one wins.
+    let (ra, rb) = tokio::join!(
+        a.acquire_lease(CONTROL_LEASE, "a"),
+        b.acquire_lease(CONTROL_LEASE, "b")
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "a: {ra}, b: {rb}");
+    let (holder, other, other_id) = if ra { (&a, &b, "b") } else { (&b, &a, "a") };
+    let holder_id = if ra { "a" } else { "b" };
+    // Renewals keep it past the first expiry.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(holder
+            .acquire_lease(CONTROL_LEASE, holder_id)
+            .await
+            .unwrap());
+        assert!(!other.acquire_lease(CONTROL_LEASE, other_id).await.unwrap());
+    }
+
+    // etcd goes away: the holder cannot renew, says so quickly, and its
+    // own clock tells it the lease lapsed.
+    etcd.kill();
+    fails_fast_control(holder.acquire_lease(CONTROL_LEASE, holder_id)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!holder.holds_lease(CONTROL_LEASE));
+
+    // Back, with the old holder silent: the other one takes over.
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(other.acquire_lease(CONTROL_LEASE, other_id).await, Ok(true)) {
+        assert!(Instant::now() < deadline, "no takeover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!holder
+        .acquire_lease(CONTROL_LEASE, holder_id)
+        .await
+        .unwrap());
+    assert_eq!(
+        other.lease(CONTROL_LEASE).await.unwrap().unwrap().holder,
+        other_id
+    );
+}
+
+async fn fails_fast_control<T: std::fmt::Debug>(
+    op: impl std::future::Future<Output = Result<T, cairn_agent::error::ControlError>>,
+) {
+    let started = Instant::now();
+    let r = tokio::time::timeout(OP_TIMEOUT * 3, op)
+        .await
+        .expect("hung while etcd was down");
+    assert!(
+        matches!(
+            r,
+            Err(cairn_agent::error::ControlError::Store(
+                StoreError::Unavailable(_)
+            ))
+        ),
+        "{r:?}"
+    );
+    assert!(started.elapsed() <= OP_TIMEOUT + Duration::from_millis(500));
+}

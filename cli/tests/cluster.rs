@@ -49,7 +49,7 @@ const VOLUME_SIZE: u64 = 32 * MIB;
 const WRITTEN_BLOCKS: u64 = 1024;
 const BLOCK: usize = 4096;
 
-fn control_config() -> ControlConfig {
+fn control_config(garbage_collect: bool) -> ControlConfig {
     ControlConfig {
         node_lease: Duration::from_secs(2),
         engine_timeout: Duration::from_secs(5),
@@ -57,6 +57,7 @@ fn control_config() -> ControlConfig {
         replace_after: Duration::from_secs(3),
         lease_ttl: Duration::from_secs(2),
         stale_op_after: Duration::from_secs(3),
+        garbage_collect,
         ..ControlConfig::default()
     }
 }
@@ -163,6 +164,7 @@ struct Node {
     id: String,
     dir: PathBuf,
     store_spec: String,
+    garbage_collect: bool,
     nvmf_port: u16,
     engine_port: u16,
     agent_port: u16,
@@ -201,12 +203,13 @@ fn listener(addr: SocketAddr) -> TcpListener {
 }
 
 impl Node {
-    fn new(k: u8, dir: &Path, store_spec: &str) -> Node {
+    fn new(k: u8, dir: &Path, store_spec: &str, garbage_collect: bool) -> Node {
         Node {
             k,
             id: format!("n{k}"),
             dir: dir.to_owned(),
             store_spec: store_spec.to_owned(),
+            garbage_collect,
             nvmf_port: free_port(ip(k)),
             engine_port: free_port(ip(k)),
             agent_port: free_port(ip(k)),
@@ -288,6 +291,7 @@ impl Node {
         };
         let l = listener(SocketAddr::from((ip(self.k), self.agent_port)));
         let spec = self.store_spec.clone();
+        let cfg = control_config(self.garbage_collect);
         rt.spawn(async move {
             let store = loop {
                 match cairn_agent::open_store(&spec).await {
@@ -295,7 +299,7 @@ impl Node {
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             };
-            let control = Control::new(store, control_config());
+            let control = Control::new(store, cfg);
             let holder = node.node_id.clone();
             tokio::spawn(cairn_agent::node::run(node, control.clone()));
             tokio::spawn(cairn_agent::control::reconcile::run(
@@ -351,14 +355,20 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Cluster::start_with(true).await
+    }
+
+    /// Three nodes; `garbage_collect` false keeps the reconcilers from
+    /// cleaning up after the operations.
+    async fn start_with(garbage_collect: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let etcd = Etcd::start();
         let observer = Control::new(
             cairn_agent::open_store(&etcd.spec()).await.unwrap(),
-            control_config(),
+            control_config(garbage_collect),
         );
         let mut nodes: Vec<Node> = (2..=4u8)
-            .map(|k| Node::new(k, dir.path(), &etcd.spec()))
+            .map(|k| Node::new(k, dir.path(), &etcd.spec(), garbage_collect))
             .collect();
         nodes.iter_mut().for_each(Node::start);
         let c = Cluster {
@@ -1064,6 +1074,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
     for call in calls {
         let _ = call.await;
     }
+    let took_over_at = Instant::now();
     let half_made = || async {
         c.observer
             .volumes()
@@ -1086,8 +1097,23 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
     println!("after the kills: {in_flight} volume(s) left creating or deleting");
     assert!(in_flight > 0, "the kills cut no operation short");
 
-    // The killed agent comes back; whoever holds the lease now finishes
-    // or undoes what was cut short, with no client retrying anything.
+    // Another agent takes the lease over once it expires; then the killed
+    // one comes back. The holder finishes or undoes what was cut short,
+    // with no client retrying anything.
+    let successor = until(Duration::from_secs(15), "a new lease holder", || async {
+        let l = c
+            .observer
+            .lease(cairn_agent::control::lease::CONTROL_LEASE)
+            .await
+            .ok()
+            .flatten()?;
+        (l.holder != holder).then_some(l.holder)
+    })
+    .await;
+    println!(
+        "{successor} took the control lease over from {holder} {:?} after the kill",
+        took_over_at.elapsed()
+    );
     c.nodes[holder_idx].start_agent();
     c.wait_online(3).await;
     until(Duration::from_secs(30), "operations finished", || async {
@@ -1151,7 +1177,8 @@ async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
     }
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
-    let c = Cluster::start().await;
+    // No garbage collection: the operations alone must leave nothing.
+    let c = Cluster::start_with(false).await;
     let mut apis = Vec::new();
     for i in 0..3 {
         apis.push(c.api(i).await);
@@ -1208,7 +1235,7 @@ async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
         t.await.unwrap();
     }
     assert!(c.observer.volumes().await.unwrap().is_empty());
-    // Nothing is left, without waiting for garbage collection.
+    // Nothing is left, and no garbage collection ran.
     let left: usize = c.engine_replicas().values().map(HashSet::len).sum();
     assert_eq!(left, 0, "{:?}", c.engine_replicas());
     println!("50 volumes created and deleted in {:?}", started.elapsed());

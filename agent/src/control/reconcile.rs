@@ -95,7 +95,7 @@ pub async fn run(control: Control, holder: String) {
     loop {
         match control.acquire_lease(CONTROL_LEASE, &holder).await {
             Ok(true) => {
-                let report = control.reconcile_once().await;
+                let report = control.round(Some(CONTROL_LEASE)).await;
                 if !report.is_quiet() {
                     tracing::info!(holder = %holder, ?report, "reconciler round");
                 }
@@ -149,7 +149,14 @@ impl Control {
     /// One reconciler round over every volume, then garbage collection.
     /// Errors are collected in the report; the next round retries.
     pub async fn reconcile_once(&self) -> RoundReport {
+        self.round(None).await
+    }
+
+    /// A round; with `lease`, it stops early once this process's hold on
+    /// that lease has lapsed (another agent may have taken over).
+    async fn round(&self, lease: Option<&str>) -> RoundReport {
         let mut rep = RoundReport::default();
+        let lapsed = || lease.is_some_and(|l| !self.holds_lease(l));
         let nodes = match self.nodes().await {
             Ok(n) => n,
             Err(e) => {
@@ -181,11 +188,16 @@ impl Control {
             }
         };
         for id in ids {
+            if lapsed() {
+                rep.errors
+                    .push("the control lease lapsed during the round".into());
+                return rep;
+            }
             if let Err(e) = self.reconcile_volume(&id, &view, &mut rep).await {
                 rep.errors.push(format!("volume {id}: {e}"));
             }
         }
-        if self.cfg.garbage_collect {
+        if self.cfg.garbage_collect && !lapsed() {
             if let Err(e) = self.collect_garbage(&view, &mut rep).await {
                 rep.errors.push(format!("garbage collection: {e}"));
             }
