@@ -23,6 +23,46 @@ use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// How long a stopping reactor lets its tasks finish (I/O in flight
+/// completes, connections that were shut down notice) before it drops them.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    /// Tasks spawned through [`spawn_local`] on this reactor and not
+    /// finished yet.
+    static LIVE_TASKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Spawns a task on the calling reactor, counted so that a stopping
+/// reactor lets it finish (see [`STOP_GRACE`]). Every task on a reactor is
+/// spawned through here.
+pub fn spawn_local<F>(fut: F)
+where
+    F: Future<Output = ()> + 'static,
+{
+    let live = LiveTask::new();
+    monoio::spawn(async move {
+        let _live = live;
+        fut.await
+    });
+}
+
+/// Counts a task as live until it finishes or is dropped.
+struct LiveTask;
+
+impl LiveTask {
+    fn new() -> Self {
+        LIVE_TASKS.with(|n| n.set(n.get() + 1));
+        LiveTask
+    }
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        LIVE_TASKS.with(|n| n.set(n.get() - 1));
+    }
+}
+
 /// io_uring submission queue size per reactor.
 const RING_ENTRIES: u32 = 1024;
 
@@ -104,9 +144,7 @@ impl Reactors {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let job: Job = Box::new(move || {
-            monoio::spawn(f());
-        });
+        let job: Job = Box::new(move || spawn_local(f()));
         let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
         let tx = senders
             .get(index % self.count.max(1))
@@ -174,6 +212,17 @@ fn reactor_main(rx: flume::Receiver<Job>, ready: flume::Sender<io::Result<()>>) 
     rt.block_on(async move {
         while let Ok(job) = rx.recv_async().await {
             job();
+        }
+        // Stopping: a task dropped mid-I/O would leave its device channels
+        // open (an io_uring operation in flight is never cancelled), so
+        // give the tasks a bounded time to finish first.
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while LIVE_TASKS.with(|n| n.get()) > 0 && std::time::Instant::now() < deadline {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let left = LIVE_TASKS.with(|n| n.get());
+        if left > 0 {
+            tracing::warn!(tasks = left, "reactor stopped with tasks still running");
         }
     });
 }

@@ -721,7 +721,7 @@ impl Queue {
     }
 
     fn spawn(&self, ctx: &Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
-        monoio::spawn(exec(ctx.clone(), cid, sqhd, op));
+        crate::reactor::spawn_local(exec(ctx.clone(), cid, sqhd, op));
     }
 
     fn connect(&mut self, c: cairn_nvmf::cmd::Connect, data: Option<IoBuf>) -> Reply {
