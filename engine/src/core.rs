@@ -53,6 +53,10 @@ pub struct NexusEntry {
     pub allowed_hosts: Vec<String>,
 }
 
+/// I/O queues asked of a remote child's target: one per nexus channel (one
+/// per host I/O queue) plus one for a rebuild; the target may grant fewer.
+const REMOTE_CHILD_QUEUES: u32 = 16;
+
 /// Opens a remote child given as `nvmf://host:port/nqn`.
 pub type RemoteOpener =
     dyn Fn(&str, &str, u32) -> Result<Arc<dyn BlockDevice>, String> + Send + Sync;
@@ -433,7 +437,7 @@ impl Engine {
             let (addr, nqn) = rest.split_once('/').ok_or_else(|| {
                 EngineError::InvalidArgument(format!("child {uri:?} lacks an NQN"))
             })?;
-            return (self.remote)(addr, nqn, 1).map_err(unreachable);
+            return (self.remote)(addr, nqn, REMOTE_CHILD_QUEUES).map_err(unreachable);
         }
         Err(EngineError::InvalidArgument(format!(
             "child {uri:?} is neither replica:///UUID nor nvmf://HOST:PORT/NQN"
