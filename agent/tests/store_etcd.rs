@@ -481,3 +481,41 @@ async fn fails_fast_control<T: std::fmt::Debug>(
     );
     assert!(started.elapsed() <= OP_TIMEOUT + Duration::from_millis(500));
 }
+
+#[tokio::test]
+async fn nexus_health_is_unavailable_while_etcd_is_away_so_the_engine_retries() {
+    use apb::control_server::Control as _;
+    use cairn_agent::control::{Control, ControlConfig};
+    use cairn_agent::service::ControlService;
+    use cairn_proto::agent::v1 as apb;
+    use std::sync::Arc;
+
+    let mut etcd = Etcd::start();
+    let store = Arc::new(open_etcd_with(&etcd, OP_TIMEOUT).await);
+    let control = Control::new(store, ControlConfig::default());
+    let svc = ControlService::new(control.clone());
+    let req = || {
+        tonic::Request::new(apb::RecordNexusHealthRequest {
+            volume_id: "6f1b9c8e-2a44-4c1d-9a57-1d2b3c4d5e6f".into(),
+            healthy_children: vec!["replica:///0a0a0a0a-0000-4000-8000-000000000001".into()],
+            clean_shutdown: false,
+            generation: 3,
+            instance: "i".into(),
+        })
+    };
+    etcd.kill();
+    let err = svc.record_nexus_health(req()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = svc.record_nexus_health(req()).await {
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(Instant::now() < deadline, "still failing: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A malformed child is the caller's mistake, not worth a retry.
+    let mut bad = req();
+    bad.get_mut().healthy_children = vec!["bogus".into()];
+    let err = svc.record_nexus_health(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}

@@ -1240,3 +1240,90 @@ async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
     assert_eq!(left, 0, "{:?}", c.engine_replicas());
     println!("50 volumes created and deleted in {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
+    if etcd_binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let mut api = c.api(0).await;
+    let v = api
+        .create_volume(create_req("recorded", 2, &["z3", "z4"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let kept = v
+        .replicas
+        .iter()
+        .find(|r| r.node == "n3")
+        .unwrap()
+        .uuid
+        .clone();
+    let stale = v
+        .replicas
+        .iter()
+        .find(|r| r.node == "n4")
+        .unwrap()
+        .uuid
+        .clone();
+    // An earlier nexus recorded that only n3's replica holds every write.
+    api.record_nexus_health(apb::RecordNexusHealthRequest {
+        volume_id: v.id.clone(),
+        healthy_children: vec![format!("replica:///{kept}")],
+        clean_shutdown: false,
+        generation: 5,
+        instance: "an-earlier-nexus".into(),
+    })
+    .await
+    .unwrap();
+    let spec = c.observer.volume(&v.id).await.unwrap();
+    assert!(
+        !spec
+            .replicas
+            .iter()
+            .find(|r| r.uuid == stale)
+            .unwrap()
+            .healthy
+    );
+
+    // Published on n2: the nexus has n3's replica only.
+    api.publish_volume(apb::PublishVolumeRequest {
+        id: v.id.clone(),
+        node: "n2".into(),
+    })
+    .await
+    .unwrap();
+    let children = nexus_children(&c.nodes[0], &v.id).await;
+    assert!(
+        children.iter().all(|ch| !ch.uri.ends_with(&stale)),
+        "{children:?}"
+    );
+    // The stale replica is replaced by a rebuilt one on n2 and collected.
+    let healed = until(
+        Duration::from_secs(30),
+        "the stale replica replaced",
+        || async {
+            let v = c.observer.volume(&v.id).await.ok()?;
+            (healthy_nodes(&v) == ["n2", "n3"] && v.replicas.len() == 2).then_some(v)
+        },
+    )
+    .await;
+    assert!(healed.replicas.iter().all(|r| r.uuid != stale));
+    let record = c.observer.nexus_health(&v.id).await.unwrap().unwrap();
+    for r in &healed.replicas {
+        assert!(record.healthy.contains(&r.uuid), "{record:?}");
+    }
+    until(
+        Duration::from_secs(10),
+        "the stale replica collected",
+        || async {
+            let on_n4 = c.engine_replicas().remove("n4").unwrap_or_default();
+            (!on_n4.contains(&stale)).then_some(())
+        },
+    )
+    .await;
+    c.assert_no_orphans().await;
+}
