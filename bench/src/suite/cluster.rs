@@ -252,6 +252,46 @@ impl Cluster {
     }
 }
 
+/// A volume set up to measure a rebuild: a nexus over node 1's replica
+/// alone, and node 2's replica ready to join it.
+pub struct RebuildVolume {
+    pub nexus: Arc<Nexus>,
+    pub nqn: String,
+    pub child_uri: String,
+    pub child: Arc<dyn BlockDevice>,
+}
+
+impl Cluster {
+    /// Builds a one-replica nexus of `size` bytes on node 1 (exported as a
+    /// volume) and connects to node 2's replica, which a rebuild can add.
+    pub fn rebuild_volume(&mut self, size: u64, queues: u16) -> anyhow::Result<RebuildVolume> {
+        if self.nodes.len() < 2 {
+            return Err(anyhow!("a rebuild needs two nodes"));
+        }
+        let n1 = &self.nodes[0];
+        let nexus = Arc::new(
+            Nexus::new(
+                size,
+                vec![(format!("local:///{}", n1.replica_nqn), n1.replica.clone())],
+            )
+            .context("assembling the nexus")?,
+        );
+        let uuid = Uuid::new_v4();
+        let nqn = format!("nqn.2024-01.dev.cairn:vol:{uuid}");
+        export(&n1.target, &nqn, uuid, nexus.clone())?;
+        let n2 = &self.nodes[1];
+        // One queue per host queue of the nexus, plus the rebuild's own.
+        let link = connect(n2.addr(), &n2.replica_nqn, queues + 1)?;
+        self.links.push(link.clone());
+        Ok(RebuildVolume {
+            nexus,
+            nqn,
+            child_uri: format!("nvmf://{}/{}", n2.addr(), n2.replica_nqn),
+            child: Arc::new(link),
+        })
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for l in &self.links {

@@ -46,7 +46,7 @@ use crate::runner::{run, Progress, RunOptions};
 use crate::spec::{format_size, JobSpec, Pattern};
 use cluster::Cluster;
 
-pub use report::{IdleCpu, Ratio, Row, SuiteReport};
+pub use report::{IdleCpu, Ratio, RebuildRun, Row, SuiteReport};
 
 /// What a suite runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,9 +468,24 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         None => None,
     };
     drop(targets);
+    let rebuild = match cluster.as_mut() {
+        Some(c) if c.nodes.len() >= 2 => match measure_rebuild(opts, c, queues) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let note = format!("rebuild: skipped: {e:#}");
+                say(&note);
+                notes.push(note);
+                None
+            }
+        },
+        _ => None,
+    };
     drop(cluster.take());
 
-    let report = SuiteReport::build(opts, runs, idle, notes, started.elapsed());
+    let mut report = SuiteReport::build(opts, runs, idle, notes, started.elapsed());
+    if let Some(r) = rebuild {
+        report.add_rebuild(r);
+    }
     let md = report.markdown();
     print!("{md}");
     std::fs::write(opts.out.join("suite.md"), &md)?;
@@ -485,6 +500,84 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         fmt_dur(started.elapsed())
     ));
     Ok(report)
+}
+
+/// Measures a full rebuild of node 2's replica into a one-replica nexus
+/// while the load generator runs a 50/50 random mix on the volume, and the
+/// same load without a rebuild for comparison.
+fn measure_rebuild(
+    opts: &SuiteOptions,
+    cluster: &mut Cluster,
+    queues: u16,
+) -> anyhow::Result<RebuildRun> {
+    use cairn_engine::nexus::{rebuild, ChildState};
+    let vol = cluster.rebuild_volume(opts.size, queues)?;
+    let node1 = &cluster.nodes[0];
+    let dev: Arc<dyn BlockDevice> = Arc::new(cluster::connect(node1.addr(), &vol.nqn, queues)?);
+    let mut spec = job_spec(opts, Setup::Nexus(1), Job::RandRw)?;
+    spec.name = "rebuild load".into();
+    spec.queue_depth = 16;
+    let ropts = RunOptions {
+        progress: opts.progress,
+        ..RunOptions::default()
+    };
+    say("rebuild: the load alone");
+    let alone = run(dev.clone(), &spec, &ropts).context("load without a rebuild")?;
+    say("rebuild: the load while node 2's replica is copied in");
+    vol.nexus
+        .add_child(&vol.child_uri, vol.child.clone())
+        .context("adding the child")?;
+    let t0 = Instant::now();
+    let (nexus, uri) = (vol.nexus.clone(), vol.child_uri.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    node1
+        .target
+        .reactors()
+        .spawn(0, move || async move {
+            let r = rebuild::run(nexus, uri).await;
+            let _ = tx.send((r.map_err(|e| e.to_string()), t0.elapsed()));
+        })
+        .context("starting the rebuild")?;
+    let during = run(dev.clone(), &spec, &ropts).context("load during the rebuild")?;
+    let copied_in_window = vol
+        .nexus
+        .children()
+        .iter()
+        .find(|c| c.uri() == vol.child_uri)
+        .map(|c| match c.state() {
+            ChildState::Healthy => c.last_rebuild_bytes(),
+            _ => c.progress().map_or(0, |p| p.done_bytes()),
+        })
+        .unwrap_or(0);
+    let window = t0.elapsed();
+    let (outcome, took) = rx
+        .recv_timeout(Duration::from_secs(600))
+        .context("the rebuild did not finish")?;
+    let bytes = outcome.map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
+    let finished_in_window = took <= window;
+    // The rate under load: over the rebuild if it ended within the load
+    // window, else over the window.
+    let (rate_bytes, rate_secs) = if finished_in_window {
+        (bytes, took.as_secs_f64())
+    } else {
+        (copied_in_window, window.as_secs_f64())
+    };
+    let r = RebuildRun {
+        bytes,
+        secs: took.as_secs_f64(),
+        mib_per_sec_under_load: rate_bytes as f64 / rate_secs.max(1e-9) / f64::from(1 << 20),
+        load_iops_alone: alone.total.iops,
+        load_iops_during: during.total.iops,
+    };
+    say(&format!(
+        "rebuild: {} in {:.2} s, {:.0} MiB/s under load; load {:.0} IOPS alone, {:.0} during",
+        format_size(r.bytes),
+        r.secs,
+        r.mib_per_sec_under_load,
+        r.load_iops_alone,
+        r.load_iops_during
+    ));
+    Ok(r)
 }
 
 fn say(s: &str) {

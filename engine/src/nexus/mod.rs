@@ -200,7 +200,7 @@ impl Child {
         stale: SegmentMap,
     ) -> Self {
         Child {
-            local: uri.starts_with("replica:///"),
+            local: !uri.starts_with("nvmf://"),
             uri,
             device,
             state: AtomicU8::new(state as u8),
