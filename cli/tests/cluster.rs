@@ -1326,4 +1326,38 @@ async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
     )
     .await;
     c.assert_no_orphans().await;
+
+    // Garbage made behind the control plane's back: a replica no volume
+    // names, shared, with a nexus over it on another node; and a share of
+    // a recorded replica that no nexus needs once the volume is unpublished.
+    api.unpublish_volume(apb::UnpublishVolumeRequest {
+        id: v.id.clone(),
+        node: String::new(),
+    })
+    .await
+    .unwrap();
+    let orphan = "0f0f0f0f-0000-4000-8000-00000000000f";
+    let n3 = c.nodes[1].engine().clone();
+    n3.create_replica("pool-3", orphan, "orphan", 4 * MIB, true)
+        .unwrap();
+    n3.share_replica(orphan, vec![]).unwrap();
+    let uri = format!(
+        "nvmf://127.0.0.3:{}/nqn.2024-01.dev.cairn:replica:{orphan}",
+        c.nodes[1].nvmf_port
+    );
+    let stray = "0e0e0e0e-0000-4000-8000-00000000000e";
+    c.nodes[0]
+        .engine()
+        .create_nexus(stray, 4 * MIB, &[uri], vec![])
+        .unwrap();
+    n3.share_replica(&kept, vec![]).unwrap();
+    let kept_uuid: uuid::Uuid = kept.parse().unwrap();
+    until(Duration::from_secs(15), "garbage collected", || async {
+        let nexuses = c.nodes[0].engine().nexuses(|n| n.uuid.to_string());
+        let on_n3 = c.engine_replicas().remove("n3").unwrap_or_default();
+        (nexuses.is_empty() && !on_n3.contains(orphan) && n3.share_of(&kept_uuid).is_none())
+            .then_some(())
+    })
+    .await;
+    c.assert_no_orphans().await;
 }

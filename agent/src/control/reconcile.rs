@@ -11,7 +11,8 @@
 //!      nexus health record                            -> healthy = false
 //!   2. the nexus (published, or a temporary rebuild one):
 //!      child FAULTED                                  -> healthy = false
-//!        its node online, dirty-region log valid      -> OnlineChild (resync)
+//!        its node back within replace_after, with a
+//!        valid dirty-region log                       -> OnlineChild (resync)
 //!      child HEALTHY after a rebuild or resync        -> health record += it,
 //!                                                        healthy = true,
 //!                                                        the replica it
@@ -20,7 +21,10 @@
 //!   3. replica unhealthy longer than replace_after
 //!      (or its node is gone)                          -> new replica elsewhere,
 //!                                                        recorded first
-//!                                                        (rebuilding = true)
+//!                                                        (rebuilding = true);
+//!        nowhere to place it, its node is back        -> rebuilt in place
+//!                                                        (OnlineChild, or
+//!                                                        AddChild)
 //!   4. rebuilding replica not in the nexus            -> create, share,
 //!                                                        AddChild; unpublished
 //!                                                        volumes first get a
@@ -469,11 +473,19 @@ impl Control {
             }
         }
 
-        // Faulted children whose node is back, with a usable log: resync.
+        // Faulted children whose node is back after a short outage, with a
+        // usable log: resync. After `replace_after` they are replaced
+        // instead (a child that keeps failing must not be resynced for
+        // ever), and resynced only when there is nowhere else to go.
+        let replace_after = self.cfg.replace_after.as_secs() as i64;
         let mut onlined: HashSet<String> = HashSet::new();
         if let Some((node, _)) = &nexus {
             for (u, uri, dirty) in &faulted_back {
-                if *dirty && self.online_child(&vol, node, view, u, uri, rep).await {
+                let recent = vol
+                    .replicas
+                    .iter()
+                    .any(|r| &r.uuid == u && now.saturating_sub(r.unhealthy_since) < replace_after);
+                if *dirty && recent && self.online_child(&vol, node, view, u, uri, rep).await {
                     onlined.insert(u.clone());
                 }
             }
@@ -484,7 +496,6 @@ impl Control {
             .replicas
             .iter()
             .any(|r| r.healthy && view.is_online(&r.node));
-        let replace_after = self.cfg.replace_after.as_secs() as i64;
         let replaced: HashSet<String> = vol
             .replicas
             .iter()
