@@ -49,7 +49,7 @@ const VOLUME_SIZE: u64 = 32 * MIB;
 const WRITTEN_BLOCKS: u64 = 1024;
 const BLOCK: usize = 4096;
 
-fn control_config(garbage_collect: bool) -> ControlConfig {
+fn control_config() -> ControlConfig {
     ControlConfig {
         node_lease: Duration::from_secs(2),
         engine_timeout: Duration::from_secs(5),
@@ -57,7 +57,6 @@ fn control_config(garbage_collect: bool) -> ControlConfig {
         replace_after: Duration::from_secs(3),
         lease_ttl: Duration::from_secs(2),
         stale_op_after: Duration::from_secs(3),
-        garbage_collect,
         ..ControlConfig::default()
     }
 }
@@ -164,7 +163,7 @@ struct Node {
     id: String,
     dir: PathBuf,
     store_spec: String,
-    garbage_collect: bool,
+    cfg: ControlConfig,
     nvmf_port: u16,
     engine_port: u16,
     agent_port: u16,
@@ -203,13 +202,13 @@ fn listener(addr: SocketAddr) -> TcpListener {
 }
 
 impl Node {
-    fn new(k: u8, dir: &Path, store_spec: &str, garbage_collect: bool) -> Node {
+    fn new(k: u8, dir: &Path, store_spec: &str, cfg: ControlConfig) -> Node {
         Node {
             k,
             id: format!("n{k}"),
             dir: dir.to_owned(),
             store_spec: store_spec.to_owned(),
-            garbage_collect,
+            cfg,
             nvmf_port: free_port(ip(k)),
             engine_port: free_port(ip(k)),
             agent_port: free_port(ip(k)),
@@ -291,7 +290,7 @@ impl Node {
         };
         let l = listener(SocketAddr::from((ip(self.k), self.agent_port)));
         let spec = self.store_spec.clone();
-        let cfg = control_config(self.garbage_collect);
+        let cfg = self.cfg.clone();
         rt.spawn(async move {
             let store = loop {
                 match cairn_agent::open_store(&spec).await {
@@ -355,20 +354,19 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
-        Cluster::start_with(true).await
+        Cluster::start_with(control_config()).await
     }
 
-    /// Three nodes; `garbage_collect` false keeps the reconcilers from
-    /// cleaning up after the operations.
-    async fn start_with(garbage_collect: bool) -> Cluster {
+    /// Three nodes whose agents run with `cfg`.
+    async fn start_with(cfg: ControlConfig) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let etcd = Etcd::start();
         let observer = Control::new(
             cairn_agent::open_store(&etcd.spec()).await.unwrap(),
-            control_config(garbage_collect),
+            cfg.clone(),
         );
         let mut nodes: Vec<Node> = (2..=4u8)
-            .map(|k| Node::new(k, dir.path(), &etcd.spec(), garbage_collect))
+            .map(|k| Node::new(k, dir.path(), &etcd.spec(), cfg.clone()))
             .collect();
         nodes.iter_mut().for_each(Node::start);
         let c = Cluster {
@@ -1178,7 +1176,11 @@ async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     // No garbage collection: the operations alone must leave nothing.
-    let c = Cluster::start_with(false).await;
+    let c = Cluster::start_with(ControlConfig {
+        garbage_collect: false,
+        ..control_config()
+    })
+    .await;
     let mut apis = Vec::new();
     for i in 0..3 {
         apis.push(c.api(i).await);
@@ -1359,5 +1361,98 @@ async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
             .then_some(())
     })
     .await;
+    c.assert_no_orphans().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_outage_is_resynced_from_the_log_not_rebuilt() {
+    if etcd_binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    // Replacement only after a long outage: this one is short.
+    let mut c = Cluster::start_with(ControlConfig {
+        replace_after: Duration::from_secs(30),
+        ..control_config()
+    })
+    .await;
+    let mut api = c.api(0).await;
+    let v = api
+        .create_volume(create_req("blip", 2, &["z2", "z3"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let before: Vec<String> = v.replicas.iter().map(|r| r.uuid.clone()).collect();
+    let n3_uuid = v
+        .replicas
+        .iter()
+        .find(|r| r.node == "n3")
+        .unwrap()
+        .uuid
+        .clone();
+    let t = api
+        .publish_volume(apb::PublishVolumeRequest {
+            id: v.id.clone(),
+            node: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .target
+        .unwrap();
+    let writer = Writer::start(&t.address, &t.nqn, &c.nodes[0].host_nqn(), 11);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // n3 goes away for a moment while writes go on.
+    c.node("n3").kill();
+    until(Duration::from_secs(10), "n3's child faulted", || async {
+        let spec = c.observer.volume(&v.id).await.ok()?;
+        (healthy_nodes(&spec) == ["n2"]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = Instant::now();
+    c.node("n3").start();
+    until(Duration::from_secs(20), "n3 resynced", || async {
+        let spec = c.observer.volume(&v.id).await.ok()?;
+        (healthy_nodes(&spec) == ["n2", "n3"]).then_some(())
+    })
+    .await;
+    let took = back.elapsed();
+    let spec = c.observer.volume(&v.id).await.unwrap();
+    let after: Vec<String> = spec.replicas.iter().map(|r| r.uuid.clone()).collect();
+    assert_eq!(after, before, "the replica was replaced, not resynced");
+    let children = nexus_children(&c.nodes[0], &v.id).await;
+    let child = children
+        .iter()
+        .find(|ch| ch.uri.ends_with(&n3_uuid))
+        .unwrap();
+    println!(
+        "short outage: resync copied {} of {VOLUME_SIZE} bytes, healthy {took:?} after the return",
+        child.last_rebuild_bytes
+    );
+    assert!(child.last_rebuild_bytes > 0, "nothing was copied back");
+    assert!(
+        child.last_rebuild_bytes < VOLUME_SIZE / 4,
+        "{} bytes copied for a short outage",
+        child.last_rebuild_bytes
+    );
+    let report = writer.finish();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for r in &spec.replicas {
+        let engine = c
+            .nodes
+            .iter()
+            .find(|n| n.id == r.node)
+            .unwrap()
+            .engine()
+            .clone();
+        let (uuid, expected) = (r.uuid.clone(), report.expected.clone());
+        tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
+            .await
+            .unwrap()
+            .unwrap();
+    }
     c.assert_no_orphans().await;
 }
