@@ -530,3 +530,96 @@ fn io_to_a_failing_last_child_waits_for_it_within_the_pause() {
         assert_eq!(nexus.children()[0].state(), ChildState::Healthy);
     });
 }
+
+#[test]
+fn three_children_local_and_remote_fault_resync_and_replace() {
+    let blocks = 8192u64;
+    let a = RamDevice::new(512, blocks);
+    let b_ram = RamDevice::new(512, blocks);
+    let c_ram = RamDevice::new(512, blocks);
+    let d = RamDevice::new(512, blocks);
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = Flaky {
+        inner: b_ram.clone(),
+        broken: broken.clone(),
+    };
+    let c = Hanging {
+        inner: c_ram.clone(),
+        hang: hang.clone(),
+    };
+    let nexus = Arc::new(
+        Nexus::with_options(
+            Uuid::new_v4(),
+            blocks * 512,
+            vec![
+                ("replica:///a".into(), Arc::new(a.clone())),
+                ("replica:///b".into(), Arc::new(b)),
+                ("nvmf://127.0.0.3:4420/c".into(), Arc::new(c)),
+            ],
+            small_segments(),
+            None,
+        )
+        .unwrap(),
+    );
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        let mut model = std::collections::HashMap::new();
+        tagged_writes(ch.as_ref(), blocks, 1000, 1, &mut model).await;
+
+        // b fails I/O, c stops answering: both leave, writes go on.
+        broken.store(true, Ordering::SeqCst);
+        hang.store(true, Ordering::SeqCst);
+        tagged_writes(ch.as_ref(), blocks, 50, 2, &mut model).await;
+        let states: Vec<_> = nexus.children().iter().map(|c| c.state()).collect();
+        assert_eq!(
+            states,
+            vec![
+                ChildState::Healthy,
+                ChildState::Faulted,
+                ChildState::Faulted
+            ]
+        );
+
+        // Both come back and resync from their stale maps while writes
+        // continue.
+        broken.store(false, Ordering::SeqCst);
+        hang.store(false, Ordering::SeqCst);
+        assert!(nexus.online_child("replica:///b", None).unwrap());
+        assert!(nexus.online_child("nvmf://127.0.0.3:4420/c", None).unwrap());
+        let rb = monoio::spawn(rebuild::run(nexus.clone(), "replica:///b".into()));
+        let rc = monoio::spawn(rebuild::run(
+            nexus.clone(),
+            "nvmf://127.0.0.3:4420/c".into(),
+        ));
+        tagged_writes(ch.as_ref(), blocks, 500, 3, &mut model).await;
+        let (cb, cc) = (rb.await.unwrap(), rc.await.unwrap());
+        assert!(
+            cb < blocks * 512 && cc < blocks * 512,
+            "resyncs were partial"
+        );
+
+        // c is replaced by a new child d, copied whole.
+        nexus.remove_child("nvmf://127.0.0.3:4420/c").unwrap();
+        nexus
+            .add_child("replica:///d", Arc::new(d.clone()))
+            .unwrap();
+        let rd = monoio::spawn(rebuild::run(nexus.clone(), "replica:///d".into()));
+        tagged_writes(ch.as_ref(), blocks, 500, 4, &mut model).await;
+        assert_eq!(rd.await.unwrap(), blocks * 512);
+        let uris: Vec<_> = nexus
+            .children()
+            .iter()
+            .map(|c| c.uri().to_owned())
+            .collect();
+        assert_eq!(uris, vec!["replica:///a", "replica:///b", "replica:///d"]);
+        assert!(nexus
+            .children()
+            .iter()
+            .all(|c| c.state() == ChildState::Healthy));
+        verify(ch.as_ref(), &model).await;
+        let want = contents(&a).await;
+        assert!(contents(&b_ram).await == want, "b differs");
+        assert!(contents(&d).await == want, "d differs");
+    });
+}
