@@ -401,7 +401,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                         .to_lowercase()
                                 })
                                 .unwrap_or_else(|_| "unknown".into());
-                            format!("{} ({state})", c.uri)
+                            match &c.rebuild {
+                                Some(r) => format!(
+                                    "{} ({state}, {} {}%, {}/s, {}s left)",
+                                    c.uri,
+                                    r.kind,
+                                    (r.bytes_done * 100).checked_div(r.bytes_total).unwrap_or(0),
+                                    human_bytes(r.rate_bytes_per_sec),
+                                    r.eta_secs
+                                ),
+                                None if !c.fault_reason.is_empty() => {
+                                    format!("{} ({state}: {})", c.uri, c.fault_reason)
+                                }
+                                None => format!("{} ({state})", c.uri),
+                            }
                         })
                         .collect();
                     t.row(vec![
