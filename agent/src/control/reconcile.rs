@@ -149,6 +149,125 @@ fn local_uri(uuid: &str) -> String {
     format!("replica:///{uuid}")
 }
 
+/// What a nexus's children say about a volume's replicas.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ChildAssessment {
+    /// The child URI of each replica in the nexus.
+    uri_of: HashMap<String, String>,
+    /// Children to remove: URIs naming no replica, replicas the volume no
+    /// longer records, failed replacements.
+    remove_uris: Vec<String>,
+    /// Rebuilt or resynced replicas, healthy in the nexus now.
+    became_healthy: Vec<String>,
+    /// Replacements whose child failed: they leave the volume.
+    drop_uuids: Vec<String>,
+    /// Faulted children whose node is online: (replica, URI, whether the
+    /// dirty-region log can tell what they missed).
+    faulted_back: Vec<(String, String, bool)>,
+    /// Replicas marked unhealthy.
+    marked: usize,
+}
+
+/// Compares the nexus's children with the volume record: retires replicas
+/// behind faulted children, and healthy ones the nexus does not write to.
+fn assess_children(
+    vol: &mut VolumeSpec,
+    children: &[pb::NexusChild],
+    online: impl Fn(&str) -> bool,
+    now: i64,
+) -> ChildAssessment {
+    let replaced: HashSet<String> = vol
+        .replicas
+        .iter()
+        .filter_map(|r| r.replaces.clone())
+        .collect();
+    let mut a = ChildAssessment::default();
+    for c in children {
+        let Some(u) = replica_of_child_uri(&c.uri) else {
+            a.remove_uris.push(c.uri.clone());
+            continue;
+        };
+        a.uri_of.insert(u.to_owned(), c.uri.clone());
+        let Some(r) = vol.replicas.iter_mut().find(|r| r.uuid == u) else {
+            a.remove_uris.push(c.uri.clone());
+            continue;
+        };
+        match pb::ChildState::try_from(c.state) {
+            Ok(pb::ChildState::Faulted) => {
+                if r.healthy {
+                    retire(r, now);
+                    a.marked += 1;
+                }
+                if r.rebuilding && r.replaces.is_some() {
+                    a.drop_uuids.push(r.uuid.clone());
+                    a.remove_uris.push(c.uri.clone());
+                } else if !replaced.contains(&r.uuid) && online(&r.node) {
+                    a.faulted_back
+                        .push((r.uuid.clone(), c.uri.clone(), c.dirty_bytes.is_some()));
+                }
+            }
+            Ok(pb::ChildState::Healthy)
+                if r.rebuilding || (!r.healthy && !replaced.contains(&r.uuid)) =>
+            {
+                a.became_healthy.push(r.uuid.clone());
+            }
+            _ => {}
+        }
+    }
+    for r in vol.replicas.iter_mut() {
+        if r.healthy && !a.uri_of.contains_key(&r.uuid) {
+            retire(r, now);
+            a.marked += 1;
+        }
+    }
+    a
+}
+
+/// Marks rebuilt replicas healthy; returns the replicas they replace,
+/// which leave the volume.
+fn finish_rebuilds(vol: &mut VolumeSpec, healthy: &[String]) -> Vec<String> {
+    let mut old = Vec::new();
+    for r in vol
+        .replicas
+        .iter_mut()
+        .filter(|r| healthy.contains(&r.uuid))
+    {
+        r.healthy = true;
+        r.rebuilding = false;
+        r.unhealthy_since = 0;
+        old.extend(r.replaces.take());
+    }
+    old
+}
+
+/// Replicas to replace: unhealthy for `replace_after` seconds or on a dead
+/// node, not being rebuilt, not already being replaced, and not brought
+/// back this round.
+fn due_for_replacement(
+    vol: &VolumeSpec,
+    now: i64,
+    replace_after: i64,
+    dead: impl Fn(&str) -> bool,
+    skip: &HashSet<String>,
+) -> Vec<String> {
+    let replaced: HashSet<&str> = vol
+        .replicas
+        .iter()
+        .filter_map(|r| r.replaces.as_deref())
+        .collect();
+    vol.replicas
+        .iter()
+        .filter(|r| {
+            !r.healthy
+                && !r.rebuilding
+                && !replaced.contains(r.uuid.as_str())
+                && !skip.contains(&r.uuid)
+                && (now.saturating_sub(r.unhealthy_since) >= replace_after || dead(&r.node))
+        })
+        .map(|r| r.uuid.clone())
+        .collect()
+}
+
 impl Control {
     /// One reconciler round over every volume, then garbage collection.
     /// Errors are collected in the report; the next round retries.
@@ -348,82 +467,28 @@ impl Control {
         }
 
         // 3. The nexus's children.
-        let replaced: HashSet<String> = vol
-            .replicas
-            .iter()
-            .filter_map(|r| r.replaces.clone())
-            .collect();
-        let mut uri_of: HashMap<String, String> = HashMap::new();
-        let mut remove_uris: Vec<String> = Vec::new();
-        let mut became_healthy: Vec<String> = Vec::new();
-        let mut drop_uuids: Vec<String> = Vec::new();
-        // (replica, child uri, the dirty-region log can tell)
-        let mut faulted_back: Vec<(String, String, bool)> = Vec::new();
-        if let Some((_, nx)) = &nexus {
-            for c in &nx.children {
-                let Some(u) = replica_of_child_uri(&c.uri) else {
-                    remove_uris.push(c.uri.clone());
-                    continue;
-                };
-                uri_of.insert(u.to_owned(), c.uri.clone());
-                let Some(r) = vol.replicas.iter_mut().find(|r| r.uuid == u) else {
-                    remove_uris.push(c.uri.clone());
-                    continue;
-                };
-                match pb::ChildState::try_from(c.state) {
-                    Ok(pb::ChildState::Faulted) => {
-                        if r.healthy {
-                            retire(r, now);
-                            rep.marked_unhealthy += 1;
-                            changed = true;
-                        }
-                        if r.rebuilding && r.replaces.is_some() {
-                            // A failed replacement: drop it, place another.
-                            drop_uuids.push(r.uuid.clone());
-                            remove_uris.push(c.uri.clone());
-                        } else if !replaced.contains(&r.uuid) && view.is_online(&r.node) {
-                            faulted_back.push((
-                                r.uuid.clone(),
-                                c.uri.clone(),
-                                c.dirty_bytes.is_some(),
-                            ));
-                        }
-                    }
-                    Ok(pb::ChildState::Healthy)
-                        if r.rebuilding || (!r.healthy && !replaced.contains(&r.uuid)) =>
-                    {
-                        became_healthy.push(r.uuid.clone());
-                    }
-                    _ => {}
-                }
-            }
-            // A replica the nexus does not write to is not healthy.
-            for r in vol.replicas.iter_mut() {
-                if r.healthy && !uri_of.contains_key(&r.uuid) {
-                    retire(r, now);
-                    rep.marked_unhealthy += 1;
-                    changed = true;
-                }
-            }
-        }
+        let ChildAssessment {
+            uri_of,
+            mut remove_uris,
+            became_healthy,
+            mut drop_uuids,
+            faulted_back,
+            marked,
+        } = match &nexus {
+            Some((_, nx)) => assess_children(&mut vol, &nx.children, |n| view.is_online(n), now),
+            None => ChildAssessment::default(),
+        };
+        rep.marked_unhealthy += marked;
+        changed |= marked > 0 || !drop_uuids.is_empty();
         let mut retired: Vec<ReplicaSpec> = Vec::new();
         if !became_healthy.is_empty()
             && self
                 .add_to_health_record(id, record_ver, &became_healthy)
                 .await?
         {
-            for u in &became_healthy {
-                if let Some(r) = vol.replicas.iter_mut().find(|r| &r.uuid == u) {
-                    r.healthy = true;
-                    r.rebuilding = false;
-                    r.unhealthy_since = 0;
-                    if let Some(old) = r.replaces.take() {
-                        drop_uuids.push(old);
-                    }
-                    rep.rebuilds_finished += 1;
-                    tracing::info!(volume = %id, replica = %u, "replica healthy again");
-                }
-            }
+            drop_uuids.extend(finish_rebuilds(&mut vol, &became_healthy));
+            rep.rebuilds_finished += became_healthy.len();
+            tracing::info!(volume = %id, replicas = ?became_healthy, "replicas healthy again");
             changed = true;
         }
         if !drop_uuids.is_empty() {
@@ -496,24 +561,7 @@ impl Control {
             .replicas
             .iter()
             .any(|r| r.healthy && view.is_online(&r.node));
-        let replaced: HashSet<String> = vol
-            .replicas
-            .iter()
-            .filter_map(|r| r.replaces.clone())
-            .collect();
-        let due: Vec<String> = vol
-            .replicas
-            .iter()
-            .filter(|r| {
-                !r.healthy
-                    && !r.rebuilding
-                    && !replaced.contains(&r.uuid)
-                    && !onlined.contains(&r.uuid)
-                    && (now.saturating_sub(r.unhealthy_since) >= replace_after
-                        || view.is_dead(&r.node))
-            })
-            .map(|r| r.uuid.clone())
-            .collect();
+        let due = due_for_replacement(&vol, now, replace_after, |n| view.is_dead(n), &onlined);
         let mut full_online: Vec<String> = Vec::new();
         if has_source {
             for old in due {
@@ -829,5 +877,151 @@ impl Control {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0a0a0a0a-0000-4000-8000-00000000000a";
+    const B: &str = "0b0b0b0b-0000-4000-8000-00000000000b";
+    const C: &str = "0c0c0c0c-0000-4000-8000-00000000000c";
+
+    fn vol(replicas: Vec<ReplicaSpec>) -> VolumeSpec {
+        VolumeSpec {
+            id: "v".into(),
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            replicas_wanted: 2,
+            thin: true,
+            phase: VolumePhase::Ready,
+            replicas,
+            target: None,
+            topology: Default::default(),
+            rebuild_nexus: None,
+            phase_since: 0,
+        }
+    }
+
+    fn replica(uuid: &str, node: &str) -> ReplicaSpec {
+        ReplicaSpec::new(uuid.into(), node.into(), "p".into())
+    }
+
+    fn child(uuid: &str, state: pb::ChildState, dirty: Option<u64>) -> pb::NexusChild {
+        pb::NexusChild {
+            uri: format!("nvmf://h:1/nqn.2024-01.dev.cairn:replica:{uuid}"),
+            state: state as i32,
+            dirty_bytes: dirty,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_faulted_child_is_retired_and_offered_back_when_its_node_is_up() {
+        let mut v = vol(vec![replica(A, "n1"), replica(B, "n2")]);
+        let children = [
+            child(A, pb::ChildState::Healthy, None),
+            child(B, pb::ChildState::Faulted, Some(4096)),
+        ];
+        let a = assess_children(&mut v, &children, |_| true, 100);
+        assert_eq!(a.marked, 1);
+        assert!(v.replicas[0].healthy);
+        assert!(!v.replicas[1].healthy);
+        assert_eq!(v.replicas[1].unhealthy_since, 100);
+        assert_eq!(a.faulted_back.len(), 1);
+        assert_eq!(a.faulted_back[0].0, B);
+        assert!(a.faulted_back[0].2, "the log can tell");
+        assert!(a.remove_uris.is_empty() && a.drop_uuids.is_empty());
+
+        // Its node down: retired, not offered back.
+        let mut v = vol(vec![replica(A, "n1"), replica(B, "n2")]);
+        let a = assess_children(&mut v, &children, |n| n != "n2", 100);
+        assert!(a.faulted_back.is_empty());
+        assert_eq!(a.marked, 1);
+    }
+
+    #[test]
+    fn a_failed_replacement_is_dropped_and_a_finished_one_replaces_the_old() {
+        let mut new = replica(C, "n3");
+        new.healthy = false;
+        new.rebuilding = true;
+        new.replaces = Some(B.into());
+        let mut old = replica(B, "n2");
+        old.healthy = false;
+        old.unhealthy_since = 5;
+        let mut v = vol(vec![replica(A, "n1"), old, new]);
+
+        let failed = [
+            child(A, pb::ChildState::Healthy, None),
+            child(B, pb::ChildState::Faulted, Some(0)),
+            child(C, pb::ChildState::Faulted, None),
+        ];
+        let a = assess_children(&mut v.clone(), &failed, |_| true, 9);
+        assert_eq!(a.drop_uuids, vec![C.to_owned()]);
+        assert_eq!(a.remove_uris.len(), 1);
+        assert!(a.remove_uris[0].ends_with(C));
+        // The old replica is being replaced: not offered back.
+        assert!(a.faulted_back.is_empty());
+
+        let done = [
+            child(A, pb::ChildState::Healthy, None),
+            child(B, pb::ChildState::Faulted, Some(0)),
+            child(C, pb::ChildState::Healthy, None),
+        ];
+        let a = assess_children(&mut v, &done, |_| true, 9);
+        assert_eq!(a.became_healthy, vec![C.to_owned()]);
+        let gone = finish_rebuilds(&mut v, &a.became_healthy);
+        assert_eq!(gone, vec![B.to_owned()]);
+        let c = v.replicas.iter().find(|r| r.uuid == C).unwrap();
+        assert!(c.healthy && !c.rebuilding && c.replaces.is_none());
+    }
+
+    #[test]
+    fn children_naming_nothing_recorded_go_and_missing_ones_are_retired() {
+        let mut v = vol(vec![replica(A, "n1"), replica(B, "n2")]);
+        let children = [
+            child(A, pb::ChildState::Healthy, None),
+            child(C, pb::ChildState::Healthy, None),
+            pb::NexusChild {
+                uri: "bogus".into(),
+                state: pb::ChildState::Healthy as i32,
+                ..Default::default()
+            },
+        ];
+        let a = assess_children(&mut v, &children, |_| true, 7);
+        assert_eq!(a.remove_uris.len(), 2);
+        assert!(a.remove_uris.iter().any(|u| u.ends_with(C)));
+        assert!(a.remove_uris.contains(&"bogus".to_owned()));
+        // B is healthy in the record but the nexus does not write to it.
+        assert!(!v.replicas[1].healthy);
+        assert_eq!(a.marked, 1);
+    }
+
+    #[test]
+    fn replacement_waits_for_replace_after_unless_the_node_is_dead() {
+        let mut b = replica(B, "n2");
+        b.healthy = false;
+        b.unhealthy_since = 100;
+        let mut v = vol(vec![replica(A, "n1"), b]);
+        let none = HashSet::new();
+        assert!(due_for_replacement(&v, 105, 10, |_| false, &none).is_empty());
+        assert_eq!(
+            due_for_replacement(&v, 110, 10, |_| false, &none),
+            vec![B.to_owned()]
+        );
+        assert_eq!(
+            due_for_replacement(&v, 101, 10, |n| n == "n2", &none),
+            vec![B.to_owned()]
+        );
+        // Brought back this round, or already being replaced: not due.
+        let skip = HashSet::from([B.to_owned()]);
+        assert!(due_for_replacement(&v, 110, 10, |_| false, &skip).is_empty());
+        let mut c = replica(C, "n3");
+        c.healthy = false;
+        c.rebuilding = true;
+        c.replaces = Some(B.into());
+        v.replicas.push(c);
+        assert!(due_for_replacement(&v, 500, 10, |_| true, &none).is_empty());
     }
 }
