@@ -680,18 +680,27 @@ fn create_req(name: &str, replicas: u32, zones: &[&str]) -> apb::CreateVolumeReq
     }
 }
 
-/// `cairnctl --json volume get ID` against an agent.
-fn cairnctl_json(agent: &str, id: &str) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args(["--agent", agent, "--json", "volume", "get", id])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+/// `cairnctl --json volume get ID` against an agent, then the table form.
+fn cairnctl_json(agent: &str, id: &str) -> (serde_json::Value, String) {
+    let run = |json: bool| {
+        let mut args = vec!["--agent", agent];
+        if json {
+            args.push("--json");
+        }
+        args.extend(["volume", "get", id]);
+        let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let json = serde_json::from_slice(&run(true)).unwrap();
+    (json, String::from_utf8(run(false)).unwrap())
 }
 
 // ---- the tests -------------------------------------------------------------
@@ -781,7 +790,7 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
 
     // The 2-replica volume gets a replacement on n3, rebuilt while the
     // writer goes on; the API and cairnctl show its progress meanwhile.
-    let mut seen_progress: Option<serde_json::Value> = None;
+    let mut seen_progress: Option<(serde_json::Value, String)> = None;
     let agent = c.nodes[0].agent_endpoint();
     let deadline = Instant::now() + Duration::from_secs(40);
     let rebuilt = loop {
@@ -811,8 +820,11 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         assert!(Instant::now() < deadline, "no replacement rebuilt: {v:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let shown = seen_progress.expect("the rebuild's progress was never shown");
-    println!("cairnctl during the rebuild: {shown}");
+    let (shown, table) = seen_progress.expect("the rebuild's progress was never shown");
+    println!("cairnctl during the rebuild: {shown}\n{table}");
+    for header in ["STATE", "REBUILD", "RATE", "ETA"] {
+        assert!(table.contains(header), "{table}");
+    }
     let rebuilding = shown[0]["replicas"]
         .as_array()
         .unwrap()
