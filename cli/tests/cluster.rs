@@ -1012,6 +1012,8 @@ async fn connect(ep: String) -> Option<apb::control_client::ControlClient<Channe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
+    // Volumes created while the kills happen.
+    const NEW: usize = 20;
     if etcd_binary().is_none() {
         eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
         return;
@@ -1049,7 +1051,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
         .map(|v| v.id)
         .collect();
     let mut calls = Vec::new();
-    for i in 0..12 {
+    for i in 0..NEW {
         let ep = holder_ep.clone();
         calls.push(tokio::spawn(async move {
             let Some(mut api) = connect(ep).await else {
@@ -1148,7 +1150,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
 
     // Clients retrying now get every creation and deletion done.
     let mut api = c.api((holder_idx + 1) % 3).await;
-    for i in 0..12 {
+    for i in 0..NEW {
         let v = retried(|| {
             let mut api = api.clone();
             async move {
@@ -1174,7 +1176,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
         .unwrap()
         .into_inner()
         .volumes;
-    assert_eq!(left.len(), 12);
+    assert_eq!(left.len(), NEW);
     c.assert_no_orphans().await;
     println!("whole test {:?}", started.elapsed());
 }
