@@ -169,13 +169,15 @@ impl Progress {
         (self.done_bytes() as f64 / secs) as u64
     }
 
-    /// Seconds left at the current rate.
+    /// Seconds left at the current rate, rounded up.
     pub fn eta_secs(&self) -> u64 {
         let rate = self.rate();
         if rate == 0 {
             return 0;
         }
-        self.total_bytes.saturating_sub(self.done_bytes()) / rate
+        self.total_bytes
+            .saturating_sub(self.done_bytes())
+            .div_ceil(rate)
     }
 }
 

@@ -119,6 +119,7 @@ async fn rebuild(sh: &Arc<Shared>, uri: &str) -> Result<u64, RebuildError> {
         src: src.as_ref(),
         dst: dst.as_ref(),
         cursor: Cell::new(0),
+        reserved: Cell::new(0),
         progress: &progress,
         started: Instant::now(),
     };
@@ -163,6 +164,8 @@ struct Job<'a> {
     dst: &'a dyn IoChannel,
     /// The next segment to look at; shared by the workers of this job.
     cursor: Cell<u64>,
+    /// Bytes the rate limit has let through (segments started).
+    reserved: Cell<u64>,
     progress: &'a Progress,
     started: Instant,
 }
@@ -187,12 +190,12 @@ impl Job<'_> {
                 }
             };
             self.cursor.set(seg + 1);
+            self.throttle().await;
             let hold = self.sh.locks.copy(seg).await;
             let bytes = self.copy_segment(seg).await?;
             self.child.stale.lock().expect("poisoned").clear(seg);
             drop(hold);
             self.progress.done.fetch_add(bytes, Ordering::Relaxed);
-            self.throttle().await;
         }
     }
 
@@ -228,13 +231,16 @@ impl Job<'_> {
         Ok(copied)
     }
 
-    /// Sleeps while the rebuild runs ahead of its rate limit.
+    /// Before a segment is copied: sleeps until the rate limit allows the
+    /// bytes copied or started so far plus this segment.
     async fn throttle(&self) {
         let rate = self.sh.cfg.rebuild_rate;
         if rate == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.progress.done_bytes() as f64 / rate as f64);
+        let reserved = self.reserved.get() + self.sh.cfg.segment_bytes;
+        self.reserved.set(reserved);
+        let due = Duration::from_secs_f64(reserved as f64 / rate as f64);
         let elapsed = self.started.elapsed();
         if due > elapsed {
             monoio::time::sleep(due - elapsed).await;

@@ -284,11 +284,18 @@ fn rebuild_under_writes_leaves_children_identical() {
             .add_child("replica:///b", Arc::new(b.clone()))
             .unwrap();
         assert_eq!(nexus.children()[1].state(), ChildState::Rebuilding);
+        let started = Instant::now();
         let rebuild = monoio::spawn(rebuild::run(nexus.clone(), "replica:///b".into()));
         // Keep writing while the rebuild copies (rate-limited to last
         // about a quarter of a second).
         tagged_writes(ch.as_ref(), blocks, 3000, 2, &mut model).await;
         let copied = rebuild.await.unwrap();
+        // 4 MiB at 16 MiB/s: the limit holds from the first segment on.
+        assert!(
+            started.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(copied, blocks * 512);
         assert_eq!(nexus.children()[1].state(), ChildState::Healthy);
         assert_eq!(nexus.children()[1].last_rebuild_bytes(), blocks * 512);
