@@ -162,18 +162,20 @@ impl NexusChannel {
     /// for the health record of any child this write faulted.
     async fn settle(
         &self,
-        outcomes: Vec<Outcome>,
+        outcomes: &mut [Outcome],
         segments: Option<(u64, u64)>,
     ) -> Result<(), BdevError> {
         if let Some((first, last)) = segments {
-            let children = self.sh.children();
-            let took = |c: &Arc<Child>| {
-                outcomes
-                    .iter()
-                    .any(|o| o.result.is_ok() && Arc::ptr_eq(&o.leg.child, c))
-            };
-            if outcomes.iter().filter(|o| o.result.is_ok()).count() < children.len() {
-                for c in children.iter().filter(|c| !took(c)) {
+            let took_it = outcomes.iter().filter(|o| o.result.is_ok()).count();
+            // Every child took it (the common case) unless fewer legs
+            // succeeded than there are children.
+            if took_it < self.sh.child_count.load(Ordering::SeqCst) {
+                let took = |c: &Arc<Child>| {
+                    outcomes
+                        .iter()
+                        .any(|o| o.result.is_ok() && Arc::ptr_eq(&o.leg.child, c))
+                };
+                for c in self.sh.children().iter().filter(|c| !took(c)) {
                     c.mark_stale(first, last);
                 }
             }
@@ -181,8 +183,8 @@ impl NexusChannel {
         let mut ok = false;
         let mut request_error = None;
         let mut last = None;
-        for o in outcomes {
-            match o.result {
+        for o in outcomes.iter_mut() {
+            match std::mem::replace(&mut o.result, Ok(())) {
                 Ok(()) => ok |= o.healthy,
                 Err(e) if is_child_failure(&e) => {
                     self.sh.fault_io(&o.leg.child, &e.to_string());
@@ -193,7 +195,8 @@ impl NexusChannel {
         }
         match (request_error, ok) {
             (Some(e), _) => Err(e),
-            (None, true) => self.sh.health_settled().await,
+            (None, true) if self.sh.health_pending() => self.sh.health_settled().await,
+            (None, true) => Ok(()),
             (None, false) => Err(last.unwrap_or_else(no_child)),
         }
     }
@@ -236,12 +239,26 @@ impl NexusChannel {
             }
         });
         let outcomes = join_all(futs).await;
-        self.settle(outcomes, segments).await
+        let mut outcomes = outcomes;
+        self.settle(&mut outcomes, segments).await
     }
 
     async fn read_once(&self, lba: u64, buf: IoBuf) -> BufResult {
         let legs = self.legs();
         let len = buf.len();
+        if let [leg] = legs.as_slice() {
+            // One child: read from it if it is healthy.
+            if leg.child.state() != ChildState::Healthy {
+                return (Err(no_child()), buf);
+            }
+            let e = match self.timed(leg, leg.ch.read(lba, buf)).await {
+                Some((Err(e), b)) if is_child_failure(&e) => (e, b),
+                Some(r) => return r,
+                None => (timed_out(self.sh.cfg.io_timeout), IoBuf::zeroed(len)),
+            };
+            self.sh.fault_io(&leg.child, &e.0.to_string());
+            return (Err(e.0), e.1);
+        }
         let mut buf = buf;
         let mut tried = 0u64;
         let mut last = None;
@@ -293,8 +310,31 @@ impl NexusChannel {
         let segments = self.sh.segments(lba, blocks);
         let ticket = self.begin_write(segments.0, segments.1).await;
         let legs = self.legs();
-        let targets = Self::targets(&legs);
         let len = buf.len();
+        if let [leg] = legs.as_slice() {
+            // One child: no copies, no fan-out, no allocation.
+            let healthy = match leg.child.state() {
+                ChildState::Healthy => true,
+                ChildState::Rebuilding => false,
+                ChildState::Faulted => {
+                    let r = self.settle(&mut [], Some(segments)).await;
+                    return (r, buf);
+                }
+            };
+            let (result, buf) = match self.timed(leg, leg.ch.write(lba, buf, fua)).await {
+                Some((r, b)) => (r, b),
+                None => (Err(timed_out(self.sh.cfg.io_timeout)), IoBuf::zeroed(len)),
+            };
+            let mut one = [Outcome {
+                leg: leg.clone(),
+                healthy,
+                result,
+            }];
+            let r = self.settle(&mut one, Some(segments)).await;
+            drop(ticket);
+            return (r, buf);
+        }
+        let targets = Self::targets(&legs);
         // Every other leg gets its own copy; the caller's buffer goes to
         // the first and comes back to the caller.
         let copies: Vec<IoBuf> = targets.iter().skip(1).map(|_| buf.clone()).collect();
@@ -333,7 +373,7 @@ impl NexusChannel {
         };
         let ((first, buf), mut outcomes) = futures::join!(first, join_all(others));
         outcomes.extend(first);
-        let r = self.settle(outcomes, Some(segments)).await;
+        let r = self.settle(&mut outcomes, Some(segments)).await;
         drop(ticket);
         (r, buf)
     }
@@ -341,8 +381,12 @@ impl NexusChannel {
     /// Whether to retry an operation that no healthy child completed: until
     /// the last healthy child answers again, or one comes back, or the
     /// pause is over.
-    fn should_wait(&self, r: &Result<(), BdevError>, deadline: Instant) -> bool {
-        matches!(r, Err(e) if is_child_failure(e)) && Instant::now() < deadline
+    fn should_wait(&self, r: &Result<(), BdevError>, deadline: &mut Option<Instant>) -> bool {
+        if !matches!(r, Err(e) if is_child_failure(e)) {
+            return false;
+        }
+        let now = Instant::now();
+        now < *deadline.get_or_insert(now + self.sh.cfg.pause)
     }
 }
 
@@ -353,11 +397,11 @@ impl IoChannel for NexusChannel {
             if let Err(e) = self.sh.geometry().check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
-            let deadline = Instant::now() + self.sh.cfg.pause;
+            let mut deadline = None;
             loop {
                 let (r, b) = self.read_once(lba, buf).await;
                 buf = b;
-                if !self.should_wait(&r, deadline) {
+                if !self.should_wait(&r, &mut deadline) {
                     return (r, buf);
                 }
                 monoio::time::sleep(PAUSE_POLL).await;
@@ -372,11 +416,11 @@ impl IoChannel for NexusChannel {
                 Ok(b) => b,
                 Err(e) => return (Err(e), buf),
             };
-            let deadline = Instant::now() + self.sh.cfg.pause;
+            let mut deadline = None;
             loop {
                 let (r, b) = self.write_once(lba, blocks, buf, fua).await;
                 buf = b;
-                if !self.should_wait(&r, deadline) {
+                if !self.should_wait(&r, &mut deadline) {
                     return (r, buf);
                 }
                 monoio::time::sleep(PAUSE_POLL).await;
@@ -386,10 +430,10 @@ impl IoChannel for NexusChannel {
 
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
         Box::pin(async move {
-            let deadline = Instant::now() + self.sh.cfg.pause;
+            let mut deadline = None;
             loop {
                 let r = self.mutate(None, |ch| ch.flush()).await;
-                if !self.should_wait(&r, deadline) {
+                if !self.should_wait(&r, &mut deadline) {
                     return r;
                 }
                 monoio::time::sleep(PAUSE_POLL).await;
@@ -401,12 +445,12 @@ impl IoChannel for NexusChannel {
         Box::pin(async move {
             self.sh.geometry().check_range(lba, blocks)?;
             let segments = Some(self.sh.segments(lba, blocks));
-            let deadline = Instant::now() + self.sh.cfg.pause;
+            let mut deadline = None;
             loop {
                 let r = self
                     .mutate(segments, move |ch| ch.write_zeroes(lba, blocks))
                     .await;
-                if !self.should_wait(&r, deadline) {
+                if !self.should_wait(&r, &mut deadline) {
                     return r;
                 }
                 monoio::time::sleep(PAUSE_POLL).await;
@@ -418,12 +462,12 @@ impl IoChannel for NexusChannel {
         Box::pin(async move {
             self.sh.geometry().check_range(lba, blocks)?;
             let segments = Some(self.sh.segments(lba, blocks));
-            let deadline = Instant::now() + self.sh.cfg.pause;
+            let mut deadline = None;
             loop {
                 let r = self
                     .mutate(segments, move |ch| ch.deallocate(lba, blocks))
                     .await;
-                if !self.should_wait(&r, deadline) {
+                if !self.should_wait(&r, &mut deadline) {
                     return r;
                 }
                 monoio::time::sleep(PAUSE_POLL).await;

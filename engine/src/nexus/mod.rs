@@ -258,6 +258,9 @@ pub(crate) struct Shared {
     /// The volume's size in blocks; grows online.
     num_blocks: AtomicU64,
     children: RwLock<Arc<Vec<Arc<Child>>>>,
+    /// How many children there are (kept with `children`, read on the
+    /// write path without the lock).
+    child_count: AtomicUsize,
     /// Bumped whenever the set of children or a child's state changes;
     /// channels reopen their legs when they see a new value.
     generation: AtomicU64,
@@ -399,6 +402,11 @@ impl Shared {
         );
     }
 
+    /// Whether a health record that writes must wait for is not durable yet.
+    fn health_pending(&self) -> bool {
+        self.health_durable.load(Ordering::SeqCst) < self.health_wanted.load(Ordering::SeqCst)
+    }
+
     /// Waits until every health record asked for so far is durable.
     async fn health_settled(&self) -> Result<(), BdevError> {
         let wanted = self.health_wanted.load(Ordering::SeqCst);
@@ -457,7 +465,7 @@ impl Nexus {
         for (uri, d) in &children {
             check_child(uri, d.as_ref(), bs, size_bytes)?;
         }
-        let children = children
+        let children: Vec<Arc<Child>> = children
             .into_iter()
             .map(|(uri, device)| {
                 Arc::new(Child::new(
@@ -474,6 +482,7 @@ impl Nexus {
             cfg,
             block_size: bs,
             num_blocks: AtomicU64::new(size_bytes / u64::from(bs)),
+            child_count: AtomicUsize::new(children.len()),
             children: RwLock::new(Arc::new(children)),
             generation: AtomicU64::new(1),
             recorder,
@@ -577,6 +586,7 @@ impl Nexus {
         sh.rebuilding.fetch_add(1, Ordering::SeqCst);
         let mut next = (**children).clone();
         next.push(Arc::new(child));
+        self.shared.child_count.store(next.len(), Ordering::SeqCst);
         *children = Arc::new(next);
         drop(children);
         sh.bump();
@@ -626,6 +636,7 @@ impl Nexus {
         sh.rebuilding.fetch_add(1, Ordering::SeqCst);
         let mut next = (**children).clone();
         next[idx] = Arc::new(child);
+        self.shared.child_count.store(next.len(), Ordering::SeqCst);
         *children = Arc::new(next);
         drop(children);
         sh.bump();
@@ -649,6 +660,7 @@ impl Nexus {
         self.shared.fault(&child, "removed");
         let mut children = self.shared.children.write().expect("poisoned");
         let next: Vec<_> = children.iter().filter(|c| c.uri != uri).cloned().collect();
+        self.shared.child_count.store(next.len(), Ordering::SeqCst);
         *children = Arc::new(next);
         drop(children);
         self.shared.bump();
