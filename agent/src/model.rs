@@ -194,6 +194,12 @@ pub struct VolumeSpec {
     /// `Creating` or `Deleting` for long is finished by the reconciler.
     #[serde(default)]
     pub phase_since: i64,
+    /// The topology the volume was created with: replacements of lost
+    /// replicas are placed under the same constraints.
+    #[serde(default)]
+    pub requisite: Vec<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub preferred: Vec<BTreeMap<String, String>>,
 }
 
 impl VolumeSpec {
@@ -300,6 +306,8 @@ mod tests {
             topology: BTreeMap::new(),
             rebuild_nexus: None,
             phase_since: 0,
+            requisite: vec![],
+            preferred: vec![],
         }
     }
 

@@ -207,6 +207,8 @@ mod tests {
             topology: Default::default(),
             rebuild_nexus: None,
             phase_since: now_secs(),
+            requisite: vec![],
+            preferred: vec![],
         };
         c.save(&vol).await.unwrap();
         (dir, c)

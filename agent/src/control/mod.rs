@@ -416,6 +416,8 @@ impl Control {
                     topology,
                     rebuild_nexus: None,
                     phase_since: now_secs(),
+                    requisite: req.requisite.clone(),
+                    preferred: req.preferred.clone(),
                 };
                 // Intent first: a crash after this point leaves a record that
                 // the retry (or the reconciler) finishes. Only if absent: an

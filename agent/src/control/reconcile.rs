@@ -111,6 +111,20 @@ pub async fn run(control: Control, holder: String) {
     }
 }
 
+/// Where a replacement replica of `vol` may go: on a node holding none of
+/// its replicas, under the topology the volume was created with.
+fn replacement_request(vol: &VolumeSpec, overcommit_pct: u64) -> PlacementRequest {
+    PlacementRequest {
+        size: vol.size_bytes,
+        count: 1,
+        thin: vol.thin,
+        overcommit_pct,
+        requisite: vol.requisite.clone(),
+        preferred: vol.preferred.clone(),
+        exclude: vol.replicas.iter().map(|r| r.node.clone()).collect(),
+    }
+}
+
 /// The registered nodes, with their liveness fixed for one round.
 struct View {
     nodes: Vec<NodeRecord>,
@@ -565,19 +579,10 @@ impl Control {
         let mut full_online: Vec<String> = Vec::new();
         if has_source {
             for old in due {
-                let exclude: Vec<String> = vol.replicas.iter().map(|r| r.node.clone()).collect();
                 let placed = place(
                     &view.nodes,
                     |n| view.is_online(&n.id),
-                    &PlacementRequest {
-                        size: vol.size_bytes,
-                        count: 1,
-                        thin: vol.thin,
-                        overcommit_pct: self.cfg.overcommit_pct,
-                        requisite: vec![],
-                        preferred: vec![],
-                        exclude,
-                    },
+                    &replacement_request(&vol, self.cfg.overcommit_pct),
                 );
                 match placed {
                     Ok(p) if !p.is_empty() => {
@@ -901,11 +906,48 @@ mod tests {
             topology: Default::default(),
             rebuild_nexus: None,
             phase_since: 0,
+            requisite: vec![],
+            preferred: vec![],
         }
     }
 
     fn replica(uuid: &str, node: &str) -> ReplicaSpec {
         ReplicaSpec::new(uuid.into(), node.into(), "p".into())
+    }
+
+    #[test]
+    fn a_replacement_keeps_the_volumes_topology_and_avoids_its_nodes() {
+        use crate::model::{NodeRecord, PoolRecord};
+        let node = |id: &str, zone: &str| NodeRecord {
+            id: id.into(),
+            engine_endpoint: String::new(),
+            nvmf_address: String::new(),
+            engine_host_nqn: String::new(),
+            host_nqn: String::new(),
+            topology: [("zone".to_string(), zone.to_string())].into(),
+            pools: vec![PoolRecord {
+                name: format!("{id}-pool"),
+                disk: String::new(),
+                capacity_bytes: 1 << 30,
+                used_bytes: 0,
+                committed_bytes: 0,
+            }],
+            last_seen: 0,
+        };
+        // n2 (zone b) has the most room, but the volume was made for zone a.
+        let mut nodes = vec![node("n1", "a"), node("n2", "b"), node("n3", "a")];
+        nodes[1].pools[0].capacity_bytes = 8 << 30;
+        let mut v = vol(vec![replica("r1", "n1")]);
+        v.requisite = vec![[("zone".to_string(), "a".to_string())].into()];
+        let req = replacement_request(&v, 1000);
+        assert_eq!(req.exclude, vec!["n1".to_owned()]);
+        let placed = place(&nodes, |_| true, &req).unwrap();
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].node, "n3");
+        // Without a constraint the roomiest other node wins.
+        v.requisite.clear();
+        let placed = place(&nodes, |_| true, &replacement_request(&v, 1000)).unwrap();
+        assert_eq!(placed[0].node, "n2");
     }
 
     fn child(uuid: &str, state: pb::ChildState, dirty: Option<u64>) -> pb::NexusChild {
