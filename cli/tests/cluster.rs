@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_agent::control::{Control, ControlConfig};
-use cairn_agent::model::{VolumePhase, VolumeSpec};
+use cairn_agent::model::{ReplicaSpec, VolumePhase, VolumeSpec};
 use cairn_agent::node::{NodeConfig, PoolConfig};
 use cairn_agent::service::ControlService;
 use cairn_bdev::{BlockDevice, IoBuf};
@@ -604,6 +604,20 @@ impl Writer {
 
 /// Reads the written region of a replica straight from its pool and checks
 /// it block by block against what the writer last wrote.
+/// Reads every replica of a volume straight from its pool and checks each
+/// block against what the writer last wrote there.
+async fn verify_replicas(c: &Cluster, replicas: &[ReplicaSpec], expected: &[u64]) {
+    for rep in replicas {
+        let node = c.nodes.iter().find(|n| n.id == rep.node).unwrap();
+        let engine = node.engine().clone();
+        let (uuid, expected) = (rep.uuid.clone(), expected.to_vec());
+        tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 fn verify_replica(engine: &Arc<Engine>, uuid: &str, expected: &[u64]) -> Result<(), String> {
     let (_, replica) = engine
         .replica(&uuid.parse().unwrap())
@@ -660,6 +674,8 @@ fn healthy_nodes(v: &VolumeSpec) -> Vec<String> {
     n
 }
 
+/// A volume whose replicas go to `zones` first (preferred, not required: a
+/// replacement may go elsewhere).
 fn create_req(name: &str, replicas: u32, zones: &[&str]) -> apb::CreateVolumeRequest {
     apb::CreateVolumeRequest {
         name: name.into(),
@@ -667,13 +683,13 @@ fn create_req(name: &str, replicas: u32, zones: &[&str]) -> apb::CreateVolumeReq
         replicas,
         thin: true,
         topology: (!zones.is_empty()).then(|| apb::TopologyRequirement {
-            requisite: zones
+            requisite: vec![],
+            preferred: zones
                 .iter()
                 .map(|z| apb::Segment {
                     labels: [("zone".to_owned(), (*z).to_owned())].into(),
                 })
                 .collect(),
-            preferred: vec![],
         }),
         min_bytes: 0,
         max_bytes: 0,
@@ -869,20 +885,7 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
             .then_some(v)
     })
     .await;
-    for rep in &healed.replicas {
-        let engine = c
-            .nodes
-            .iter()
-            .find(|n| n.id == rep.node)
-            .unwrap()
-            .engine()
-            .clone();
-        let (uuid, expected) = (rep.uuid.clone(), cold_written.expected.clone());
-        tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    verify_replicas(&c, &healed.replicas, &cold_written.expected).await;
     // n4 returns: the 3-replica volume's child is resynced from the log,
     // and the 2-replica volume's old replica there is collected.
     let back_at = Instant::now();
@@ -940,15 +943,7 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         );
         let spec = c.observer.volume(&v.id).await.unwrap();
         assert_eq!(spec.replicas.len(), v.replicas_wanted as usize, "{spec:?}");
-        for rep in &spec.replicas {
-            let node = c.nodes.iter().find(|n| n.id == rep.node).unwrap();
-            let engine = node.engine().clone();
-            let (uuid, expected) = (rep.uuid.clone(), r.expected.clone());
-            tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        verify_replicas(&c, &spec.replicas, &r.expected).await;
     }
     until(Duration::from_secs(10), "no orphans", || async {
         let vols = c.observer.volumes().await.ok()?;
@@ -1454,19 +1449,6 @@ async fn a_short_outage_is_resynced_from_the_log_not_rebuilt() {
     );
     let report = writer.finish();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    for r in &spec.replicas {
-        let engine = c
-            .nodes
-            .iter()
-            .find(|n| n.id == r.node)
-            .unwrap()
-            .engine()
-            .clone();
-        let (uuid, expected) = (r.uuid.clone(), report.expected.clone());
-        tokio::task::spawn_blocking(move || verify_replica(&engine, &uuid, &expected))
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    verify_replicas(&c, &spec.replicas, &report.expected).await;
     c.assert_no_orphans().await;
 }

@@ -768,13 +768,9 @@ impl Control {
     /// engine no longer has (for example after the engine restarted).
     pub async fn restore_published(&self, node_id: &str) -> Result<usize, ControlError> {
         let node = self.node(node_id).await?;
-        let mut engine = self.engine(&node)?;
-        let present: HashSet<String> = engine
-            .list_nexuses(pb::ListNexusesRequest {})
-            .await
-            .map_err(engine_err(&node.id))?
-            .into_inner()
-            .nexuses
+        let present: HashSet<String> = self
+            .list_nexuses_on(&node)
+            .await?
             .into_iter()
             .map(|n| n.uuid)
             .collect();

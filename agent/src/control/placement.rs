@@ -90,11 +90,12 @@ pub fn place(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::PoolRecord;
 
-    fn node(id: &str, zone: &str, cap: u64, used: u64, committed: u64) -> NodeRecord {
+    /// A node in `zone` with one pool of `cap` bytes.
+    pub(crate) fn node(id: &str, zone: &str, cap: u64, used: u64, committed: u64) -> NodeRecord {
         NodeRecord {
             id: id.into(),
             engine_endpoint: String::new(),

@@ -358,13 +358,9 @@ impl Control {
         node: &NodeRecord,
         id: &str,
     ) -> Result<Option<pb::Nexus>, ControlError> {
-        let mut engine = self.engine(node)?;
-        Ok(engine
-            .list_nexuses(pb::ListNexusesRequest {})
-            .await
-            .map_err(engine_err(&node.id))?
-            .into_inner()
-            .nexuses
+        Ok(self
+            .list_nexuses_on(node)
+            .await?
             .into_iter()
             .find(|n| n.uuid == id))
     }
@@ -917,26 +913,13 @@ mod tests {
 
     #[test]
     fn a_replacement_keeps_the_volumes_topology_and_avoids_its_nodes() {
-        use crate::model::{NodeRecord, PoolRecord};
-        let node = |id: &str, zone: &str| NodeRecord {
-            id: id.into(),
-            engine_endpoint: String::new(),
-            nvmf_address: String::new(),
-            engine_host_nqn: String::new(),
-            host_nqn: String::new(),
-            topology: [("zone".to_string(), zone.to_string())].into(),
-            pools: vec![PoolRecord {
-                name: format!("{id}-pool"),
-                disk: String::new(),
-                capacity_bytes: 1 << 30,
-                used_bytes: 0,
-                committed_bytes: 0,
-            }],
-            last_seen: 0,
-        };
+        use crate::control::placement::tests::node;
         // n2 (zone b) has the most room, but the volume was made for zone a.
-        let mut nodes = vec![node("n1", "a"), node("n2", "b"), node("n3", "a")];
-        nodes[1].pools[0].capacity_bytes = 8 << 30;
+        let nodes = vec![
+            node("n1", "a", 1 << 30, 0, 0),
+            node("n2", "b", 8 << 30, 0, 0),
+            node("n3", "a", 1 << 30, 0, 0),
+        ];
         let mut v = vol(vec![replica("r1", "n1")]);
         v.requisite = vec![[("zone".to_string(), "a".to_string())].into()];
         let req = replacement_request(&v, 1000);

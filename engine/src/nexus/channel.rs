@@ -378,6 +378,33 @@ impl NexusChannel {
         (r, buf)
     }
 
+    /// [`Self::mutate`] over `range` (blocks at an LBA; none for a flush),
+    /// retried while [`Self::should_wait`] says so.
+    async fn mutate_within_pause<F>(
+        &self,
+        range: Option<(u64, u64)>,
+        op: F,
+    ) -> Result<(), BdevError>
+    where
+        F: for<'a> Fn(&'a dyn IoChannel) -> IoFuture<'a, Result<(), BdevError>>,
+    {
+        let segments = match range {
+            Some((lba, blocks)) => {
+                self.sh.geometry().check_range(lba, blocks)?;
+                Some(self.sh.segments(lba, blocks))
+            }
+            None => None,
+        };
+        let mut deadline = None;
+        loop {
+            let r = self.mutate(segments, &op).await;
+            if !self.should_wait(&r, &mut deadline) {
+                return r;
+            }
+            monoio::time::sleep(PAUSE_POLL).await;
+        }
+    }
+
     /// Whether to retry an operation that no healthy child completed: until
     /// the last healthy child answers again, or one comes back, or the
     /// pause is over.
@@ -429,49 +456,18 @@ impl IoChannel for NexusChannel {
     }
 
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(async move {
-            let mut deadline = None;
-            loop {
-                let r = self.mutate(None, |ch| ch.flush()).await;
-                if !self.should_wait(&r, &mut deadline) {
-                    return r;
-                }
-                monoio::time::sleep(PAUSE_POLL).await;
-            }
-        })
+        Box::pin(self.mutate_within_pause(None, |ch| ch.flush()))
     }
 
     fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(async move {
-            self.sh.geometry().check_range(lba, blocks)?;
-            let segments = Some(self.sh.segments(lba, blocks));
-            let mut deadline = None;
-            loop {
-                let r = self
-                    .mutate(segments, move |ch| ch.write_zeroes(lba, blocks))
-                    .await;
-                if !self.should_wait(&r, &mut deadline) {
-                    return r;
-                }
-                monoio::time::sleep(PAUSE_POLL).await;
-            }
-        })
+        Box::pin(
+            self.mutate_within_pause(Some((lba, blocks)), move |ch| ch.write_zeroes(lba, blocks)),
+        )
     }
 
     fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(async move {
-            self.sh.geometry().check_range(lba, blocks)?;
-            let segments = Some(self.sh.segments(lba, blocks));
-            let mut deadline = None;
-            loop {
-                let r = self
-                    .mutate(segments, move |ch| ch.deallocate(lba, blocks))
-                    .await;
-                if !self.should_wait(&r, &mut deadline) {
-                    return r;
-                }
-                monoio::time::sleep(PAUSE_POLL).await;
-            }
-        })
+        Box::pin(
+            self.mutate_within_pause(Some((lba, blocks)), move |ch| ch.deallocate(lba, blocks)),
+        )
     }
 }

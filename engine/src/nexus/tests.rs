@@ -3,49 +3,73 @@ use cairn_bdev::ram::RamDevice;
 use cairn_bdev::{BufResult, IoBuf, IoFuture};
 use std::time::Instant;
 
-/// A child whose I/O fails once switched off.
-struct Flaky {
+/// A child whose reads and writes fail while `broken` is set, and never
+/// complete while `hang` is set.
+struct Faulty {
     inner: RamDevice,
     broken: Arc<std::sync::atomic::AtomicBool>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl BlockDevice for Flaky {
+impl Faulty {
+    fn failing(inner: RamDevice, broken: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Faulty {
+            inner,
+            broken,
+            hang: Arc::default(),
+        }
+    }
+
+    fn hanging(inner: RamDevice, hang: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Faulty {
+            inner,
+            broken: Arc::default(),
+            hang,
+        }
+    }
+}
+
+impl BlockDevice for Faulty {
     fn info(&self) -> DeviceInfo {
         self.inner.info()
     }
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        Ok(Box::new(FlakyChannel {
+        Ok(Box::new(FaultyChannel {
             inner: self.inner.open_channel()?,
             broken: self.broken.clone(),
+            hang: self.hang.clone(),
         }))
     }
 }
 
-struct FlakyChannel {
+struct FaultyChannel {
     inner: Box<dyn IoChannel>,
     broken: Arc<std::sync::atomic::AtomicBool>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl FlakyChannel {
-    fn err(&self) -> Option<BdevError> {
-        self.broken
-            .load(Ordering::SeqCst)
-            .then(|| BdevError::io("test", std::io::Error::other("injected")))
+impl FaultyChannel {
+    /// What a read or write does instead of reaching the device, if anything.
+    fn fault<'a>(&self, buf: IoBuf) -> Result<IoFuture<'a, BufResult>, IoBuf> {
+        if self.hang.load(Ordering::SeqCst) {
+            return Ok(Box::pin(std::future::pending()));
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            let e = BdevError::io("test", std::io::Error::other("injected"));
+            return Ok(Box::pin(std::future::ready((Err(e), buf))));
+        }
+        Err(buf)
     }
 }
 
-impl IoChannel for FlakyChannel {
+impl IoChannel for FaultyChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
-        match self.err() {
-            Some(e) => Box::pin(std::future::ready((Err(e), buf))),
-            None => self.inner.read(lba, buf),
-        }
+        self.fault(buf)
+            .unwrap_or_else(|buf| self.inner.read(lba, buf))
     }
     fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
-        match self.err() {
-            Some(e) => Box::pin(std::future::ready((Err(e), buf))),
-            None => self.inner.write(lba, buf, fua),
-        }
+        self.fault(buf)
+            .unwrap_or_else(|buf| self.inner.write(lba, buf, fua))
     }
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
         self.inner.flush()
@@ -71,10 +95,7 @@ fn mirrors_writes_and_survives_a_failing_child() {
     let a = RamDevice::new(512, 2048);
     let b = RamDevice::new(512, 2048);
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flaky = Flaky {
-        inner: b.clone(),
-        broken: broken.clone(),
-    };
+    let flaky = Faulty::failing(b.clone(), broken.clone());
     let nexus = Nexus::new(
         512 * 1024,
         vec![
@@ -148,53 +169,6 @@ fn refuses_mismatched_children() {
         Err(NexusError::TooSmall { .. })
     ));
     assert!(matches!(Nexus::new(1, vec![]), Err(NexusError::NoChildren)));
-}
-
-/// A child whose I/O never completes once switched to hanging.
-struct Hanging {
-    inner: RamDevice,
-    hang: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl BlockDevice for Hanging {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        Ok(Box::new(HangingChannel {
-            inner: self.inner.open_channel()?,
-            hang: self.hang.clone(),
-        }))
-    }
-}
-
-struct HangingChannel {
-    inner: Box<dyn IoChannel>,
-    hang: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl IoChannel for HangingChannel {
-    fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
-        if self.hang.load(Ordering::SeqCst) {
-            return Box::pin(std::future::pending());
-        }
-        self.inner.read(lba, buf)
-    }
-    fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
-        if self.hang.load(Ordering::SeqCst) {
-            return Box::pin(std::future::pending());
-        }
-        self.inner.write(lba, buf, fua)
-    }
-    fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
-        self.inner.flush()
-    }
-    fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        self.inner.write_zeroes(lba, blocks)
-    }
-    fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        self.inner.deallocate(lba, blocks)
-    }
 }
 
 const BS: usize = 512;
@@ -387,10 +361,7 @@ impl HealthRecorder for Arc<SlowRecorder> {
 fn a_degraded_write_is_acknowledged_only_after_its_health_record() {
     let a = RamDevice::new(512, 2048);
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flaky = Flaky {
-        inner: RamDevice::new(512, 2048),
-        broken: broken.clone(),
-    };
+    let flaky = Faulty::failing(RamDevice::new(512, 2048), broken.clone());
     let recorder = Arc::new(SlowRecorder::default());
     let id = Uuid::new_v4();
     let nexus = Nexus::with_options(
@@ -435,10 +406,7 @@ fn a_degraded_write_is_acknowledged_only_after_its_health_record() {
 #[test]
 fn a_degraded_write_fails_when_its_health_cannot_be_recorded() {
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flaky = Flaky {
-        inner: RamDevice::new(512, 2048),
-        broken: broken.clone(),
-    };
+    let flaky = Faulty::failing(RamDevice::new(512, 2048), broken.clone());
     let recorder = Arc::new(SlowRecorder::default());
     let nexus = Nexus::with_options(
         Uuid::new_v4(),
@@ -464,10 +432,7 @@ fn a_degraded_write_fails_when_its_health_cannot_be_recorded() {
 #[test]
 fn a_remote_child_that_stops_answering_is_faulted_after_the_timeout() {
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let remote = Hanging {
-        inner: RamDevice::new(512, 2048),
-        hang: hang.clone(),
-    };
+    let remote = Faulty::hanging(RamDevice::new(512, 2048), hang.clone());
     let nexus = Nexus::with_options(
         Uuid::new_v4(),
         512 * 2048,
@@ -503,10 +468,7 @@ fn a_remote_child_that_stops_answering_is_faulted_after_the_timeout() {
 #[test]
 fn io_to_a_failing_last_child_waits_for_it_within_the_pause() {
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flaky = Flaky {
-        inner: RamDevice::new(512, 2048),
-        broken: broken.clone(),
-    };
+    let flaky = Faulty::failing(RamDevice::new(512, 2048), broken.clone());
     let nexus = Nexus::with_options(
         Uuid::new_v4(),
         512 * 2048,
@@ -547,14 +509,8 @@ fn three_children_local_and_remote_fault_resync_and_replace() {
     let d = RamDevice::new(512, blocks);
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let b = Flaky {
-        inner: b_ram.clone(),
-        broken: broken.clone(),
-    };
-    let c = Hanging {
-        inner: c_ram.clone(),
-        hang: hang.clone(),
-    };
+    let b = Faulty::failing(b_ram.clone(), broken.clone());
+    let c = Faulty::hanging(c_ram.clone(), hang.clone());
     let nexus = Arc::new(
         Nexus::with_options(
             Uuid::new_v4(),
