@@ -68,33 +68,42 @@ impl DevChannel {
     }
 }
 
+impl DevChannel {
+    /// Reads at `lba`; what [`IoChannel::read`] boxes, awaited directly on
+    /// the replica's data path.
+    pub(crate) async fn read_at(&self, lba: u64, buf: IoBuf) -> BufResult {
+        let (r, buf) = self
+            .file
+            .read_exact_at(buf, lba * u64::from(BLOCK_SIZE))
+            .await;
+        (r.map_err(|e| BdevError::io("read", e)), buf)
+    }
+
+    /// Writes at `lba`, durably with `fua`; what [`IoChannel::write`] boxes.
+    pub(crate) async fn write_at(&self, lba: u64, buf: IoBuf, fua: bool) -> BufResult {
+        let (r, buf) = self
+            .file
+            .write_all_at(buf, lba * u64::from(BLOCK_SIZE))
+            .await;
+        if let Err(e) = r {
+            return (Err(BdevError::io("write", e)), buf);
+        }
+        if fua {
+            if let Err(e) = self.file.sync_data().await {
+                return (Err(BdevError::io("fdatasync", e)), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+}
+
 impl IoChannel for DevChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
-        Box::pin(async move {
-            let (r, buf) = self
-                .file
-                .read_exact_at(buf, lba * u64::from(BLOCK_SIZE))
-                .await;
-            (r.map_err(|e| BdevError::io("read", e)), buf)
-        })
+        Box::pin(self.read_at(lba, buf))
     }
 
     fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
-        Box::pin(async move {
-            let (r, buf) = self
-                .file
-                .write_all_at(buf, lba * u64::from(BLOCK_SIZE))
-                .await;
-            if let Err(e) = r {
-                return (Err(BdevError::io("write", e)), buf);
-            }
-            if fua {
-                if let Err(e) = self.file.sync_data().await {
-                    return (Err(BdevError::io("fdatasync", e)), buf);
-                }
-            }
-            (Ok(()), buf)
-        })
+        Box::pin(self.write_at(lba, buf, fua))
     }
 
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cairn_bdev::{BdevError, BlockDevice, BufResult, DeviceInfo, IoBuf, IoChannel, IoFuture};
 use uuid::Uuid;
 
+use crate::devchan::DevChannel;
 use crate::format::{Entry, BLOCK_SIZE, GROUP_CLUSTERS};
 use crate::shared::Shared;
 
@@ -363,7 +364,7 @@ impl BlockDevice for Replica {
 struct ReplicaChannel {
     r: Arc<Replica>,
     st: Arc<ChanState>,
-    base: Rc<Box<dyn IoChannel>>,
+    base: Rc<DevChannel>,
     map: RefCell<(u64, Arc<Vec<AtomicU64>>)>,
 }
 
@@ -404,7 +405,7 @@ impl ReplicaChannel {
         InFlight(c, &self.r.shared)
     }
 
-    fn base(&self) -> Result<Rc<Box<dyn IoChannel>>, BdevError> {
+    fn base(&self) -> Result<Rc<DevChannel>, BdevError> {
         Ok(self.base.clone())
     }
 
@@ -478,7 +479,7 @@ impl ReplicaChannel {
                 return (Ok(()), buf);
             }
             let plba = self.r.shared.cluster_lba(v - 1) + within;
-            return base.read(plba, buf).await;
+            return base.read_at(plba, buf).await;
         }
         let bs = BLOCK_SIZE as usize;
         for (l, within, n, off) in self.segments(lba, blocks) {
@@ -489,7 +490,7 @@ impl ReplicaChannel {
                 continue;
             }
             let plba = self.r.shared.cluster_lba(v - 1) + within;
-            let (r, part) = base.read(plba, IoBuf::zeroed(range.len())).await;
+            let (r, part) = base.read_at(plba, IoBuf::zeroed(range.len())).await;
             if let Err(e) = r {
                 return (Err(e), buf);
             }
@@ -513,13 +514,13 @@ impl ReplicaChannel {
         let cb = self.r.shared.cluster_blocks;
         if lba / cb == (lba + blocks - 1) / cb {
             return self
-                .write_cluster(&**base, lba / cb, lba % cb, buf, fua)
+                .write_cluster(&base, lba / cb, lba % cb, buf, fua)
                 .await;
         }
         let bs = BLOCK_SIZE as usize;
         for (l, within, n, off) in self.segments(lba, blocks) {
             let part = IoBuf::from_slice(&buf[off as usize * bs..(off + n) as usize * bs]);
-            let (r, _) = self.write_cluster(&**base, l, within, part, fua).await;
+            let (r, _) = self.write_cluster(&base, l, within, part, fua).await;
             if let Err(e) = r {
                 return (Err(e), buf);
             }
@@ -530,7 +531,7 @@ impl ReplicaChannel {
     /// Writes inside logical cluster `l`, allocating it on first write.
     async fn write_cluster(
         &self,
-        base: &dyn IoChannel,
+        base: &DevChannel,
         l: u64,
         within: u64,
         buf: IoBuf,
@@ -542,7 +543,7 @@ impl ReplicaChannel {
             let v = self.lookup(l);
             if v != 0 && v != PENDING {
                 let plba = self.r.shared.cluster_lba(v - 1) + within;
-                return base.write(plba, buf, fua).await;
+                return base.write_at(plba, buf, fua).await;
             }
             if v == PENDING {
                 n.wait(e).await;
@@ -649,11 +650,11 @@ impl ReplicaChannel {
             let _g = self.enter();
             let v = self.lookup(l);
             if v != 0 && v != PENDING {
-                zero_blocks(&**base, self.r.shared.cluster_lba(v - 1) + within, n).await?;
+                zero_blocks(&*base, self.r.shared.cluster_lba(v - 1) + within, n).await?;
             }
         }
         if !release.is_empty() {
-            self.release(&**base, release).await?;
+            self.release(&*base, release).await?;
         }
         Ok(())
     }

@@ -78,9 +78,9 @@ impl Shared {
     }
 
     /// Opens a channel to the device for the calling reactor.
-    pub(crate) fn open_device_channel(&self) -> std::result::Result<Box<dyn IoChannel>, BdevError> {
+    pub(crate) fn open_device_channel(&self) -> std::result::Result<DevChannel, BdevError> {
         let f = self.md.dup().map_err(|e| BdevError::io("dup", e))?;
-        Ok(Box::new(DevChannel::new(f, self.md.is_block())?))
+        DevChannel::new(f, self.md.is_block())
     }
 
     /// Makes room for the group locks of a grown pool.
