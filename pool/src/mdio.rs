@@ -172,7 +172,24 @@ impl MdFile {
         if done {
             return Ok(());
         }
-        // Fall back to writing zeros.
+        self.write_zeros(off, len)
+    }
+
+    /// Zeroes a range so that it ends up allocated and written: on a block
+    /// device as [`MdFile::zero`]; on a file by writing zeros, because a
+    /// filesystem's zero-range leaves unwritten extents, and each later
+    /// small write into one pays an extent conversion in the filesystem's
+    /// journal (a thick replica on ext4 took about 3.5 µs more CPU per
+    /// random 4 KiB write than the raw file until every block had been
+    /// written once).
+    pub(crate) fn zero_allocated(&self, off: u64, len: u64) -> Result<()> {
+        if self.is_block {
+            return self.zero(off, len);
+        }
+        self.write_zeros(off, len)
+    }
+
+    fn write_zeros(&self, off: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = IoBuf::zeroed(CHUNK as usize);
         let mut at = off;

@@ -413,7 +413,9 @@ impl Pool {
         let cs = self.shared.cluster_size;
         let r = (|| {
             for &p in &clusters {
-                self.shared.md.zero(cluster_offset(cs, p), u64::from(cs))?;
+                self.shared
+                    .md
+                    .zero_allocated(cluster_offset(cs, p), u64::from(cs))?;
             }
             self.shared.md.sync()
         })();
