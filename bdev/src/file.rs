@@ -204,14 +204,34 @@ impl FileChannel {
     }
 }
 
+/// Reads `buf.len()` bytes at byte offset `off` of `file` through io_uring.
+pub async fn read_at(file: &monoio::fs::File, off: u64, buf: IoBuf) -> BufResult {
+    let (r, buf) = file.read_exact_at(buf, off).await;
+    (r.map_err(|e| BdevError::io("read", e)), buf)
+}
+
+/// Writes `buf` at byte offset `off` of `file` through io_uring; with
+/// `fua`, durably (an `fdatasync` follows).
+pub async fn write_at(file: &monoio::fs::File, off: u64, buf: IoBuf, fua: bool) -> BufResult {
+    let (r, buf) = file.write_all_at(buf, off).await;
+    if let Err(e) = r {
+        return (Err(BdevError::io("write", e)), buf);
+    }
+    if fua {
+        if let Err(e) = file.sync_data().await {
+            return (Err(BdevError::io("fdatasync", e)), buf);
+        }
+    }
+    (Ok(()), buf)
+}
+
 impl IoChannel for FileChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
         Box::pin(async move {
             if let Err(e) = self.dev.info.check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
-            let (r, buf) = self.file.read_exact_at(buf, self.byte_offset(lba)).await;
-            (r.map_err(|e| BdevError::io("read", e)), buf)
+            read_at(&self.file, self.byte_offset(lba), buf).await
         })
     }
 
@@ -220,16 +240,7 @@ impl IoChannel for FileChannel {
             if let Err(e) = self.dev.info.check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
-            let (r, buf) = self.file.write_all_at(buf, self.byte_offset(lba)).await;
-            if let Err(e) = r {
-                return (Err(BdevError::io("write", e)), buf);
-            }
-            if fua {
-                if let Err(e) = self.file.sync_data().await {
-                    return (Err(BdevError::io("fdatasync", e)), buf);
-                }
-            }
-            (Ok(()), buf)
+            write_at(&self.file, self.byte_offset(lba), buf, fua).await
         })
     }
 

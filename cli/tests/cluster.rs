@@ -424,6 +424,22 @@ impl Cluster {
 
     /// Asserts that running engines hold exactly the replicas the volume
     /// records name on their nodes: none leaked, none missing.
+    /// Waits until the engines hold exactly the replicas the records name
+    /// (garbage collection has run), then checks it node by node.
+    async fn wait_no_orphans(&self, limit: Duration) {
+        until(limit, "no orphans", || async {
+            let vols = self.observer.volumes().await.ok()?;
+            let recorded: HashSet<String> = vols
+                .iter()
+                .flat_map(|v| v.replicas.iter().map(|r| r.uuid.clone()))
+                .collect();
+            let all: HashSet<String> = self.engine_replicas().into_values().flatten().collect();
+            (all == recorded).then_some(())
+        })
+        .await;
+        self.assert_no_orphans().await;
+    }
+
     async fn assert_no_orphans(&self) {
         let vols = self.observer.volumes().await.unwrap();
         let mut want: HashMap<String, HashSet<String>> = HashMap::new();
@@ -945,17 +961,7 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         assert_eq!(spec.replicas.len(), v.replicas_wanted as usize, "{spec:?}");
         verify_replicas(&c, &spec.replicas, &r.expected).await;
     }
-    until(Duration::from_secs(10), "no orphans", || async {
-        let vols = c.observer.volumes().await.ok()?;
-        let recorded: HashSet<String> = vols
-            .iter()
-            .flat_map(|v| v.replicas.iter().map(|r| r.uuid.clone()))
-            .collect();
-        let all: HashSet<String> = c.engine_replicas().into_values().flatten().collect();
-        (all == recorded).then_some(())
-    })
-    .await;
-    c.assert_no_orphans().await;
+    c.wait_no_orphans(Duration::from_secs(10)).await;
     // Nexuses only where volumes are published.
     for n in &c.nodes {
         let mut nexuses: Vec<String> = n.engine().nexuses(|x| x.uuid.to_string());
@@ -1127,17 +1133,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
         (half_made().await == 0).then_some(())
     })
     .await;
-    until(Duration::from_secs(20), "no orphans", || async {
-        let vols = c.observer.volumes().await.ok()?;
-        let recorded: HashSet<String> = vols
-            .iter()
-            .flat_map(|v| v.replicas.iter().map(|r| r.uuid.clone()))
-            .collect();
-        let all: HashSet<String> = c.engine_replicas().into_values().flatten().collect();
-        (all == recorded).then_some(())
-    })
-    .await;
-    c.assert_no_orphans().await;
+    c.wait_no_orphans(Duration::from_secs(20)).await;
     for v in c.observer.volumes().await.unwrap() {
         assert_eq!(v.phase, VolumePhase::Ready);
         assert_eq!(v.replicas.len(), 2, "{v:?}");

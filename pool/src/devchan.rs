@@ -31,6 +31,17 @@ impl DevChannel {
         Ok(DevChannel { file, fd, is_block })
     }
 
+    /// Reads at `lba`; what [`IoChannel::read`] boxes, awaited directly on
+    /// the replica's data path.
+    pub(crate) async fn read_at(&self, lba: u64, buf: IoBuf) -> BufResult {
+        cairn_bdev::file::read_at(&self.file, lba * u64::from(BLOCK_SIZE), buf).await
+    }
+
+    /// Writes at `lba`, durably with `fua`; what [`IoChannel::write`] boxes.
+    pub(crate) async fn write_at(&self, lba: u64, buf: IoBuf, fua: bool) -> BufResult {
+        cairn_bdev::file::write_at(&self.file, lba * u64::from(BLOCK_SIZE), buf, fua).await
+    }
+
     fn zero(&self, lba: u64, blocks: u64) -> Result<(), BdevError> {
         if blocks == 0 {
             return Ok(());
@@ -65,35 +76,6 @@ impl DevChannel {
         } else {
             Err(BdevError::io("write zeroes", io::Error::last_os_error()))
         }
-    }
-}
-
-impl DevChannel {
-    /// Reads at `lba`; what [`IoChannel::read`] boxes, awaited directly on
-    /// the replica's data path.
-    pub(crate) async fn read_at(&self, lba: u64, buf: IoBuf) -> BufResult {
-        let (r, buf) = self
-            .file
-            .read_exact_at(buf, lba * u64::from(BLOCK_SIZE))
-            .await;
-        (r.map_err(|e| BdevError::io("read", e)), buf)
-    }
-
-    /// Writes at `lba`, durably with `fua`; what [`IoChannel::write`] boxes.
-    pub(crate) async fn write_at(&self, lba: u64, buf: IoBuf, fua: bool) -> BufResult {
-        let (r, buf) = self
-            .file
-            .write_all_at(buf, lba * u64::from(BLOCK_SIZE))
-            .await;
-        if let Err(e) = r {
-            return (Err(BdevError::io("write", e)), buf);
-        }
-        if fua {
-            if let Err(e) = self.file.sync_data().await {
-                return (Err(BdevError::io("fdatasync", e)), buf);
-            }
-        }
-        (Ok(()), buf)
     }
 }
 

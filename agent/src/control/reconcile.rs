@@ -132,6 +132,9 @@ struct View {
     /// Nodes offline for longer than the node lease plus `replace_after`:
     /// their replicas count as lost, not as away for a blip.
     dead: HashSet<String>,
+    /// Each node's nexuses, listed once per round on first use (one call
+    /// per node, not one per volume).
+    nexuses: std::sync::Mutex<HashMap<String, std::sync::Arc<Vec<pb::Nexus>>>>,
 }
 
 impl View {
@@ -316,6 +319,7 @@ impl Control {
             nodes,
             online,
             dead,
+            nexuses: Default::default(),
         };
         let ids: Vec<String> = match self.volumes().await {
             Ok(v) => v.into_iter().map(|v| v.id).collect(),
@@ -353,16 +357,32 @@ impl Control {
         }
     }
 
+    /// Volume `id`'s nexus on `node` as the node's engine listed it this
+    /// round.
     async fn find_nexus(
         &self,
+        view: &View,
         node: &NodeRecord,
         id: &str,
     ) -> Result<Option<pb::Nexus>, ControlError> {
-        Ok(self
-            .list_nexuses_on(node)
-            .await?
-            .into_iter()
-            .find(|n| n.uuid == id))
+        let cached = view
+            .nexuses
+            .lock()
+            .expect("poisoned")
+            .get(&node.id)
+            .cloned();
+        let listed = match cached {
+            Some(l) => l,
+            None => {
+                let l = std::sync::Arc::new(self.list_nexuses_on(node).await?);
+                view.nexuses
+                    .lock()
+                    .expect("poisoned")
+                    .insert(node.id.clone(), l.clone());
+                l
+            }
+        };
+        Ok(listed.iter().find(|n| n.uuid == id).cloned())
     }
 
     async fn reconcile_volume(
@@ -459,7 +479,7 @@ impl Control {
                 // A published volume whose nexus node is down waits for it.
                 return Ok(());
             };
-            match self.find_nexus(&node, id).await? {
+            match self.find_nexus(view, &node, id).await? {
                 Some(nx) => nexus = Some((node, nx)),
                 None => {
                     // The engine lost it (restart): build it again; the

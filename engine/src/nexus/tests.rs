@@ -173,6 +173,12 @@ fn refuses_mismatched_children() {
 
 const BS: usize = 512;
 
+/// A nexus of `size_bytes` over `children`, with [`small_segments`] and
+/// no health recorder.
+fn small_nexus(size_bytes: u64, children: Vec<(String, Arc<dyn BlockDevice>)>) -> Nexus {
+    Nexus::with_options(Uuid::new_v4(), size_bytes, children, small_segments(), None).unwrap()
+}
+
 fn small_segments() -> NexusConfig {
     NexusConfig {
         segment_bytes: 64 << 10,
@@ -284,19 +290,13 @@ fn partial_resync_copies_only_what_was_written_while_away() {
     let blocks = 8192u64;
     let a = RamDevice::new(512, blocks);
     let b = RamDevice::new(512, blocks);
-    let nexus = Arc::new(
-        Nexus::with_options(
-            Uuid::new_v4(),
-            blocks * 512,
-            vec![
-                ("replica:///a".into(), Arc::new(a.clone())),
-                ("replica:///b".into(), Arc::new(b.clone())),
-            ],
-            small_segments(),
-            None,
-        )
-        .unwrap(),
-    );
+    let nexus = Arc::new(small_nexus(
+        blocks * 512,
+        vec![
+            ("replica:///a".into(), Arc::new(a.clone())),
+            ("replica:///b".into(), Arc::new(b.clone())),
+        ],
+    ));
     block_on(async {
         let ch = nexus.open_channel().unwrap();
         let mut model = std::collections::HashMap::new();
@@ -433,17 +433,13 @@ fn a_degraded_write_fails_when_its_health_cannot_be_recorded() {
 fn a_remote_child_that_stops_answering_is_faulted_after_the_timeout() {
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let remote = Faulty::hanging(RamDevice::new(512, 2048), hang.clone());
-    let nexus = Nexus::with_options(
-        Uuid::new_v4(),
+    let nexus = small_nexus(
         512 * 2048,
         vec![
             ("replica:///a".into(), Arc::new(RamDevice::new(512, 2048))),
             ("nvmf://127.0.0.1:1/remote".into(), Arc::new(remote)),
         ],
-        small_segments(),
-        None,
-    )
-    .unwrap();
+    );
     block_on(async {
         let ch = nexus.open_channel().unwrap();
         hang.store(true, Ordering::SeqCst);
@@ -469,14 +465,7 @@ fn a_remote_child_that_stops_answering_is_faulted_after_the_timeout() {
 fn io_to_a_failing_last_child_waits_for_it_within_the_pause() {
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flaky = Faulty::failing(RamDevice::new(512, 2048), broken.clone());
-    let nexus = Nexus::with_options(
-        Uuid::new_v4(),
-        512 * 2048,
-        vec![("replica:///a".into(), Arc::new(flaky))],
-        small_segments(),
-        None,
-    )
-    .unwrap();
+    let nexus = small_nexus(512 * 2048, vec![("replica:///a".into(), Arc::new(flaky))]);
     block_on(async {
         let ch = nexus.open_channel().unwrap();
         broken.store(true, Ordering::SeqCst);
@@ -511,20 +500,14 @@ fn three_children_local_and_remote_fault_resync_and_replace() {
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let b = Faulty::failing(b_ram.clone(), broken.clone());
     let c = Faulty::hanging(c_ram.clone(), hang.clone());
-    let nexus = Arc::new(
-        Nexus::with_options(
-            Uuid::new_v4(),
-            blocks * 512,
-            vec![
-                ("replica:///a".into(), Arc::new(a.clone())),
-                ("replica:///b".into(), Arc::new(b)),
-                ("nvmf://127.0.0.3:4420/c".into(), Arc::new(c)),
-            ],
-            small_segments(),
-            None,
-        )
-        .unwrap(),
-    );
+    let nexus = Arc::new(small_nexus(
+        blocks * 512,
+        vec![
+            ("replica:///a".into(), Arc::new(a.clone())),
+            ("replica:///b".into(), Arc::new(b)),
+            ("nvmf://127.0.0.3:4420/c".into(), Arc::new(c)),
+        ],
+    ));
     block_on(async {
         let ch = nexus.open_channel().unwrap();
         let mut model = std::collections::HashMap::new();
