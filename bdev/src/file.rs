@@ -204,8 +204,39 @@ impl FileChannel {
     }
 }
 
+thread_local! {
+    /// File and block-device I/Os in flight on this thread (see
+    /// [`io_in_flight`]).
+    static IN_FLIGHT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// File and block-device I/Os started on this thread through [`read_at`] and
+/// [`write_at`] and not finished. Their completions come from this core's
+/// io_uring (or its workers), so a reactor waiting for them gains nothing by
+/// polling and would only compete with those workers for the core.
+pub fn io_in_flight() -> usize {
+    IN_FLIGHT.with(|n| n.get())
+}
+
+/// Counts one I/O in [`io_in_flight`] while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        IN_FLIGHT.with(|n| n.set(n.get() + 1));
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.with(|n| n.set(n.get() - 1));
+    }
+}
+
 /// Reads `buf.len()` bytes at byte offset `off` of `file` through io_uring.
 pub async fn read_at(file: &monoio::fs::File, off: u64, buf: IoBuf) -> BufResult {
+    let _in_flight = InFlight::new();
     let (r, buf) = file.read_exact_at(buf, off).await;
     (r.map_err(|e| BdevError::io("read", e)), buf)
 }
@@ -213,6 +244,7 @@ pub async fn read_at(file: &monoio::fs::File, off: u64, buf: IoBuf) -> BufResult
 /// Writes `buf` at byte offset `off` of `file` through io_uring; with
 /// `fua`, durably (an `fdatasync` follows).
 pub async fn write_at(file: &monoio::fs::File, off: u64, buf: IoBuf, fua: bool) -> BufResult {
+    let _in_flight = InFlight::new();
     let (r, buf) = file.write_all_at(buf, off).await;
     if let Err(e) = r {
         return (Err(BdevError::io("write", e)), buf);

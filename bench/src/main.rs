@@ -50,6 +50,9 @@ job (fio names; sizes 4k/1m/2g, durations 500ms/10s/1m):
   --verify            tag written blocks, check read ones
   --cpus_allowed LIST pin job threads, e.g. 0 or 0-1
   --continue_on_error keep going after I/O errors
+  --busy_poll TIME    keep polling this long after network activity before
+                      sleeping (default 50us; 0 sleeps at once, as an
+                      interrupt-driven host would)
   --name LABEL        row label
 
 output:
@@ -400,10 +403,12 @@ writes suite.md, suite.json and suite.png into DIR.
   --iodepth N         queue depth of the QD64 jobs (default 64)
   --size SIZE         bytes per device and replica (full: 512m, quick: 32m)
   --model PARAMS      the SSD model (default nvme,iops=20k; see cairn-bench --help)
-  --setups LIST       comma-separated, from: ram shm-file disk-odirect model replica
+  --setups LIST       comma-separated, from: ram shm-file disk-odirect model ram-nvmf replica
                       replica-model nexus-1 nexus-2 nexus-3 nexus-1-model
                       nexus-2-model nexus-3-model
   --engine-cpus LIST  CPUs of every engine reactor (default 0 on 2+ CPUs)
+  --engine-busy-poll TIME  how long reactors poll after network activity
+                      (default 50us; 0: they sleep at once)
   --bench-cpus LIST   CPUs of the load generator (default 1 on 2+ CPUs)
   --disk-dir DIR      where the O_DIRECT disk file goes (default /var/tmp)
   --shm-dir DIR       where the tmpfs file and pools go (default /dev/shm)
@@ -508,6 +513,7 @@ fn suite_main(raw: Vec<String>, serving: bool) -> anyhow::Result<ExitCode> {
                             .collect::<anyhow::Result<_>>()?
                     }
                     "engine-cpus" => o.engine_cpus = parse_cpu_list(&value)?,
+                    "engine-busy-poll" => o.engine_busy_poll = parse_duration(&value)?,
                     "bench-cpus" => o.bench_cpus = parse_cpu_list(&value)?,
                     "disk-dir" => o.disk_dir = PathBuf::from(value),
                     "shm-dir" => o.shm_dir = PathBuf::from(value),

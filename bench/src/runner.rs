@@ -421,6 +421,7 @@ fn job_thread(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         .next_power_of_two();
     let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .with_entries(entries)
+        .uring_builder(cairn_engine::reactor::uring_builder())
         .enable_timer()
         .build();
     let mut rt = match (pinned, rt) {
@@ -434,7 +435,15 @@ fn job_thread(args: ThreadArgs) -> Result<JobOutcome, RunError> {
             return Err(setup_err("build io_uring runtime", e));
         }
     };
-    rt.block_on(run_job(args))
+    let busy_poll = args.spec.busy_poll;
+    rt.block_on(async move {
+        if !busy_poll.is_zero() {
+            monoio::spawn(cairn_engine::reactor::busy_poll(busy_poll));
+        }
+        let r = run_job(args).await;
+        cairn_engine::reactor::stop_busy_poll();
+        r
+    })
 }
 
 /// State shared by the workers of one job thread.

@@ -171,6 +171,16 @@ pub struct JobSpec {
     pub continue_on_error: bool,
     /// Seed of the offset generators: equal seeds give equal offsets.
     pub seed: u64,
+    /// How long a job thread keeps polling for completions after network
+    /// activity before it sleeps (seconds, in JSON); zero sleeps at once.
+    /// Only NVMe-oF targets are affected: local devices never note network
+    /// activity.
+    #[serde(with = "secs", default = "default_busy_poll")]
+    pub busy_poll: Duration,
+}
+
+fn default_busy_poll() -> Duration {
+    cairn_engine::target::DEFAULT_BUSY_POLL
 }
 
 impl Default for JobSpec {
@@ -190,6 +200,7 @@ impl Default for JobSpec {
             cpus: Vec::new(),
             continue_on_error: false,
             seed: 0x00c0_ffee,
+            busy_poll: default_busy_poll(),
         }
     }
 }
@@ -218,6 +229,7 @@ pub const JOB_OPTIONS: &[&str] = &[
     "cpus",
     "continue_on_error",
     "seed",
+    "busy_poll",
 ];
 
 /// Options that are flags: they may appear without a value.
@@ -318,6 +330,7 @@ impl JobSpec {
             }
             "cpus_allowed" | "cpus" => self.cpus = parse_cpu_list(v.ok_or_else(missing)?)?,
             "seed" => self.seed = parse_count(key, v.ok_or_else(missing)?)?,
+            "busy_poll" => self.busy_poll = parse_duration(v.ok_or_else(missing)?)?,
             _ => {
                 return Err(SpecError::UnknownOption {
                     option: key.to_owned(),

@@ -174,6 +174,7 @@ impl System {
             host_nqn: EngineConfig::default_host_nqn(),
             pools: vec![],
             nexus: Default::default(),
+            busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
         };
         let engine = daemon::start(
             &engine_cfg,
@@ -462,6 +463,7 @@ fn start_replica_node(cfg: &SystemConfig, data_dir: &Path, k: u8) -> anyhow::Res
         host_nqn: format!("{}-{k}", EngineConfig::default_host_nqn()),
         pools: vec![],
         nexus: Default::default(),
+        busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
     };
     let engine = daemon::start(
         &engine_cfg,

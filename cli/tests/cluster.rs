@@ -248,6 +248,7 @@ impl Node {
                 rebuild_rate: 16 * MIB,
                 ..NexusConfig::default()
             },
+            busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
         };
         let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone())).unwrap();
         let rt = runtime(&format!("engine-{}", self.id));

@@ -35,6 +35,7 @@ async fn start_node(k: u8, dir: &std::path::Path, control: &Control) -> Node {
         host_nqn: format!("nqn.2024-01.dev.cairn:engine:{id}"),
         pools: vec![],
         nexus: Default::default(),
+        busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
     };
     let engine = daemon::start(&cfg, daemon::remote_opener(cfg.host_nqn.clone())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

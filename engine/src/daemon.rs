@@ -25,6 +25,8 @@ pub struct EngineConfig {
     pub pools: Vec<PathBuf>,
     /// Tunables of the nexuses this engine builds.
     pub nexus: NexusConfig,
+    /// How long reactors poll after network activity before they sleep.
+    pub busy_poll: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -87,6 +89,7 @@ pub fn start(cfg: &EngineConfig, remote: Box<RemoteOpener>) -> Result<Arc<Engine
         listen: cfg.nvmf_listen,
         reactors: cfg.reactors.max(1),
         max_io_queues: cfg.max_io_queues,
+        busy_poll: cfg.busy_poll,
         ..TargetConfig::default()
     })?;
     let engine = Arc::new(

@@ -74,6 +74,7 @@ fn start_engine(addr: SocketAddr, pool: &Path, name: &str) -> Arc<Engine> {
             segment_bytes: SEGMENT,
             ..NexusConfig::default()
         },
+        busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
     };
     // A restarted engine may find its port in TIME_WAIT for a moment.
     let deadline = Instant::now() + Duration::from_secs(10);

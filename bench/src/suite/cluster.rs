@@ -60,6 +60,7 @@ impl Node {
         size: u64,
         model: &ModelParams,
         cpu: Option<usize>,
+        busy_poll: Duration,
         queues: u16,
     ) -> anyhow::Result<Node> {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, index));
@@ -67,6 +68,7 @@ impl Node {
             listen: SocketAddr::new(ip, 0),
             reactors: 1,
             max_io_queues: queues.max(8),
+            busy_poll,
             ..TargetConfig::default()
         })
         .with_context(|| format!("starting the target of node {index} on {ip}"))?;
@@ -192,6 +194,7 @@ impl Cluster {
         size: u64,
         model: &ModelParams,
         cpus: &[usize],
+        busy_poll: Duration,
         queues: u16,
     ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -202,7 +205,7 @@ impl Cluster {
         };
         for i in 1..=nodes.max(1) {
             let cpu = (!cpus.is_empty()).then(|| cpus[usize::from(i - 1) % cpus.len()]);
-            let n = Node::start(i, &c.dir, size, model, cpu, queues)?;
+            let n = Node::start(i, &c.dir, size, model, cpu, busy_poll, queues)?;
             c.nodes.push(n);
         }
         Ok(c)

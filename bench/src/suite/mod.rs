@@ -193,12 +193,22 @@ pub enum Job {
     RandRead,
     RandWrite,
     RandRw,
-    /// Random read at queue depth 1, one job thread: latency.
+    /// Random read at queue depth 1, one job thread: latency, with the
+    /// load generator polling between I/Os as SPDK's does.
     Qd1Read,
+    /// The same with the load generator sleeping between I/Os, as an
+    /// interrupt-driven host does.
+    Qd1Sleep,
 }
 
 impl Job {
-    pub const ALL: [Job; 4] = [Job::RandRead, Job::RandWrite, Job::RandRw, Job::Qd1Read];
+    pub const ALL: [Job; 5] = [
+        Job::RandRead,
+        Job::RandWrite,
+        Job::RandRw,
+        Job::Qd1Read,
+        Job::Qd1Sleep,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -206,6 +216,7 @@ impl Job {
             Job::RandWrite => "randwrite",
             Job::RandRw => "randrw",
             Job::Qd1Read => "qd1-read",
+            Job::Qd1Sleep => "qd1-sleep",
         }
     }
 }
@@ -231,6 +242,9 @@ pub struct SuiteOptions {
     pub setups: Vec<Setup>,
     /// CPUs of the engine's reactors (all nodes).
     pub engine_cpus: Vec<usize>,
+    /// How long the engine's reactors poll after network activity.
+    #[serde(with = "crate::spec::secs")]
+    pub engine_busy_poll: Duration,
     /// CPUs of the load generator's job threads.
     pub bench_cpus: Vec<usize>,
     /// Where the disk file goes.
@@ -277,6 +291,7 @@ impl SuiteOptions {
             model: default_model(),
             setups: Setup::defaults(),
             engine_cpus,
+            engine_busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
             bench_cpus,
             disk_dir: PathBuf::from("/var/tmp"),
             shm_dir: PathBuf::from("/dev/shm"),
@@ -332,6 +347,7 @@ pub fn export_setups(opts: &SuiteOptions) -> anyhow::Result<(Cluster, Vec<Export
         opts.size,
         &opts.model,
         &opts.engine_cpus,
+        opts.engine_busy_poll,
         queues,
     )?;
     let mut out = Vec::new();
@@ -410,6 +426,7 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
                 opts.size,
                 &opts.model,
                 &opts.engine_cpus,
+                opts.engine_busy_poll,
                 queues,
             )?)
         }
@@ -615,16 +632,22 @@ fn job_spec(opts: &SuiteOptions, setup: Setup, job: Job) -> anyhow::Result<JobSp
         runtime: opts.runtime,
         ramp: opts.ramp,
         cpus: opts.bench_cpus.clone(),
+        // At queue depth 64 the load generator never runs out of work, so
+        // polling gains nothing there and would only blur its CPU figures.
+        busy_poll: Duration::ZERO,
         ..JobSpec::default()
     };
     s.pattern = match job {
-        Job::RandRead | Job::Qd1Read => Pattern::RandRead,
+        Job::RandRead | Job::Qd1Read | Job::Qd1Sleep => Pattern::RandRead,
         Job::RandWrite => Pattern::RandWrite,
         Job::RandRw => Pattern::RandRw { read_pct: 50 },
     };
-    if job == Job::Qd1Read {
+    if matches!(job, Job::Qd1Read | Job::Qd1Sleep) {
         s.queue_depth = 1;
         s.jobs = 1;
+    }
+    if job == Job::Qd1Read {
+        s.busy_poll = JobSpec::default().busy_poll;
     }
     s.validate()?;
     Ok(s)

@@ -307,6 +307,22 @@ impl SuiteReport {
                 ));
             }
         }
+        let sleep_us = |s: Setup| {
+            self.row(s, Job::Qd1Sleep)
+                .map(|r| r.median.total.latency.mean_us)
+                .filter(|&v| v > 0.0)
+        };
+        for &s in &self.options.setups {
+            if let (Some(p), Some(z)) = (self.qd1_us(s), sleep_us(s)) {
+                out.push(format!(
+                    "{s} QD1: {p:.1} µs with the load generator polling between I/Os (qd1-read), \
+                     {z:.1} µs with it sleeping (qd1-sleep, as an interrupt-driven host): \
+                     waking a sleeping thread on the other core costs the difference. The \
+                     engine's reactors poll for {} µs after network activity in both.",
+                    self.options.engine_busy_poll.as_micros()
+                ));
+            }
+        }
         if let (Some(n), Some(r)) = (self.qd1_us(Setup::Nexus(1)), self.qd1_us(Setup::Replica)) {
             out.push(format!(
                 "QD1: the nexus adds {:+.1} µs to the average read latency ({n:.1} vs {r:.1} µs).",
@@ -322,7 +338,9 @@ impl SuiteReport {
             }
             .min(m.spec.jobs as usize)
             .max(1);
-            if row.job != Job::Qd1Read.label() && bench_cores > 0.85 * bench_cpus as f64 {
+            if ![Job::Qd1Read.label(), Job::Qd1Sleep.label()].contains(&row.job.as_str())
+                && bench_cores > 0.85 * bench_cpus as f64
+            {
                 out.push(format!(
                     "{} {}: the load generator kept {:.2} cores busy ({:.2} µs per I/O): it, \
                      not what it drives, limits this row.",
@@ -379,10 +397,14 @@ impl SuiteReport {
         let _ = writeln!(
             s,
             "Jobs: 4 KiB random read, write and 50/50 mix at queue depth {} x {} job thread(s); \
-             QD1: 4 KiB random read at queue depth 1. Engine CPU: all reactor threads' CPU time \
+             qd1-read and qd1-sleep: 4 KiB random read at queue depth 1, the load generator \
+             polling for {} µs after each completion (qd1-read, as SPDK's does) or sleeping at \
+             once (qd1-sleep). Engine CPU: all reactor threads' CPU time \
              (with their io_uring workers) in the measured window per I/O; engine cores: that \
              times IOPS.\n",
-            o.iodepth, o.numjobs
+            o.iodepth,
+            o.numjobs,
+            cairn_engine::target::DEFAULT_BUSY_POLL.as_micros()
         );
         let headers = [
             "setup",

@@ -70,6 +70,9 @@ pub struct TargetConfig {
     pub maxh2cdata: u32,
     /// Largest transfer, as a power of two of 4 KiB (MDTS).
     pub mdts: u8,
+    /// How long the target's own reactors poll after network activity
+    /// before they sleep (zero: never poll). See `reactor::busy_poll`.
+    pub busy_poll: std::time::Duration,
 }
 
 impl Default for TargetConfig {
@@ -82,9 +85,14 @@ impl Default for TargetConfig {
             max_incapsule: 8192,
             maxh2cdata: 128 * 1024,
             mdts: 8,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
+
+/// How long reactors poll after network activity unless configured: longer
+/// than a host at queue depth 1 takes to send its next command.
+pub const DEFAULT_BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// A namespace to export.
 #[derive(Clone)]
@@ -271,7 +279,11 @@ pub struct Target {
 impl Target {
     /// Starts a target with its own `cfg.reactors` reactors.
     pub fn start(cfg: TargetConfig) -> Result<Target, TargetError> {
-        let reactors = Arc::new(Reactors::start(cfg.reactors, "nvmf-reactor")?);
+        let reactors = Arc::new(Reactors::start_polling(
+            cfg.reactors,
+            "nvmf-reactor",
+            cfg.busy_poll,
+        )?);
         Self::start_inner(cfg, reactors, true)
     }
 

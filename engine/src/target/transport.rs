@@ -82,7 +82,10 @@ impl RxBuf {
             self.buf = Some(slice.into_inner());
             match res {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    self.end += n;
+                    crate::reactor::note_activity();
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -109,7 +112,10 @@ impl RxBuf {
             buf = slice.into_inner();
             match res {
                 Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
-                Ok(n) => at += n,
+                Ok(n) => {
+                    at += n;
+                    crate::reactor::note_activity();
+                }
                 Err(e) => return (Err(e), buf),
             }
         }
@@ -311,6 +317,7 @@ impl TxQueue {
                     Ok(n) => out.advance(n),
                 }
             }
+            crate::reactor::note_activity();
             let Gather { mut batch, iov, .. } = out;
             iov_spare = iov;
             for (buf, tag) in batch.bufs.drain(..) {
