@@ -126,7 +126,9 @@ impl NexusChannel {
         if leg.child.local {
             return Some(fut.await);
         }
-        monoio::time::timeout(self.sh.cfg.io_timeout, fut)
+        // Boxed: a timer is large, and keeping it out of line keeps every
+        // nexus I/O future small enough for the allocator's fast path.
+        Box::pin(monoio::time::timeout(self.sh.cfg.io_timeout, fut))
             .await
             .ok()
     }
@@ -143,7 +145,8 @@ impl NexusChannel {
             sh.inflight[slot].fetch_sub(1, Ordering::SeqCst);
         };
         let hold = if sh.rebuilding.load(Ordering::SeqCst) > 0 {
-            Some(sh.locks.write(first, last).await)
+            // Boxed, as every rare path here: see `timed`.
+            Some(Box::pin(sh.locks.write(first, last)).await)
         } else {
             None
         };
@@ -195,7 +198,7 @@ impl NexusChannel {
         }
         match (request_error, ok) {
             (Some(e), _) => Err(e),
-            (None, true) if self.sh.health_pending() => self.sh.health_settled().await,
+            (None, true) if self.sh.health_pending() => Box::pin(self.sh.health_settled()).await,
             (None, true) => Ok(()),
             (None, false) => Err(last.unwrap_or_else(no_child)),
         }
@@ -334,7 +337,25 @@ impl NexusChannel {
             drop(ticket);
             return (r, buf);
         }
-        let targets = Self::targets(&legs);
+        // Kept out of line (boxed) so that the one-child path above does
+        // not carry the fan-out's state in every write's future.
+        let r = Box::pin(self.write_many(&legs, lba, buf, fua, segments)).await;
+        drop(ticket);
+        r
+    }
+
+    /// The part of [`Self::write_once`] for two or more legs: every target
+    /// gets the write, in parallel.
+    async fn write_many(
+        &self,
+        legs: &Legs,
+        lba: u64,
+        buf: IoBuf,
+        fua: bool,
+        segments: (u64, u64),
+    ) -> BufResult {
+        let len = buf.len();
+        let targets = Self::targets(legs);
         // Every other leg gets its own copy; the caller's buffer goes to
         // the first and comes back to the caller.
         let copies: Vec<IoBuf> = targets.iter().skip(1).map(|_| buf.clone()).collect();
@@ -374,7 +395,6 @@ impl NexusChannel {
         let ((first, buf), mut outcomes) = futures::join!(first, join_all(others));
         outcomes.extend(first);
         let r = self.settle(&mut outcomes, Some(segments)).await;
-        drop(ticket);
         (r, buf)
     }
 
@@ -401,7 +421,7 @@ impl NexusChannel {
             if !self.should_wait(&r, &mut deadline) {
                 return r;
             }
-            monoio::time::sleep(PAUSE_POLL).await;
+            Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
         }
     }
 
@@ -431,7 +451,7 @@ impl IoChannel for NexusChannel {
                 if !self.should_wait(&r, &mut deadline) {
                     return (r, buf);
                 }
-                monoio::time::sleep(PAUSE_POLL).await;
+                Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
             }
         })
     }
@@ -450,7 +470,7 @@ impl IoChannel for NexusChannel {
                 if !self.should_wait(&r, &mut deadline) {
                     return (r, buf);
                 }
-                monoio::time::sleep(PAUSE_POLL).await;
+                Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
             }
         })
     }
