@@ -218,11 +218,14 @@ pub fn io_in_flight() -> usize {
     IN_FLIGHT.with(|n| n.get())
 }
 
-/// Counts one I/O in [`io_in_flight`] while it lives.
-struct InFlight;
+/// Counts one I/O in [`io_in_flight`] while it lives. [`read_at`] and
+/// [`write_at`] hold one; so should any other device whose completions do
+/// not come over the network (a model of a drive, for one).
+pub struct InFlight;
 
 impl InFlight {
-    fn new() -> Self {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         IN_FLIGHT.with(|n| n.set(n.get() + 1));
         InFlight
     }

@@ -267,6 +267,7 @@ impl IoChannel for ModelChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
         let deadline = self.deadline(buf.len() as u64, self.params.read_latency);
         Box::pin(async move {
+            let _in_flight = cairn_bdev::file::InFlight::new();
             let res = self.inner.read(lba, buf).await;
             self.timer.sleep_until(deadline).await;
             res
@@ -276,6 +277,7 @@ impl IoChannel for ModelChannel {
     fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
         let deadline = self.deadline(buf.len() as u64, self.params.write_latency);
         Box::pin(async move {
+            let _in_flight = cairn_bdev::file::InFlight::new();
             let res = self.inner.write(lba, buf, fua).await;
             self.timer.sleep_until(deadline).await;
             res
@@ -285,6 +287,7 @@ impl IoChannel for ModelChannel {
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
         let deadline = self.deadline(0, self.params.write_latency);
         Box::pin(async move {
+            let _in_flight = cairn_bdev::file::InFlight::new();
             let res = self.inner.flush().await;
             self.timer.sleep_until(deadline).await;
             res
@@ -295,6 +298,7 @@ impl IoChannel for ModelChannel {
         // Zeroing moves no data: it costs an I/O, not bandwidth.
         let deadline = self.deadline(0, self.params.write_latency);
         Box::pin(async move {
+            let _in_flight = cairn_bdev::file::InFlight::new();
             let res = self.inner.write_zeroes(lba, blocks).await;
             self.timer.sleep_until(deadline).await;
             res
@@ -304,6 +308,7 @@ impl IoChannel for ModelChannel {
     fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
         let deadline = self.deadline(0, self.params.write_latency);
         Box::pin(async move {
+            let _in_flight = cairn_bdev::file::InFlight::new();
             let res = self.inner.deallocate(lba, blocks).await;
             self.timer.sleep_until(deadline).await;
             res

@@ -288,6 +288,15 @@ impl SuiteReport {
     /// Where the time goes, in numbers the suite measured.
     fn explain(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.options.engine_busy_poll.is_zero() {
+            out.push(format!(
+                "Engine CPU includes the reactors' polling ({} µs after network activity) in \
+                 the gaps between bursts, so at queue depth 64 the reactors show as nearly \
+                 always busy and CPU per I/O varies by about 1 µs between runs; \
+                 `--engine-busy-poll 0` measures the engine without it.",
+                self.options.engine_busy_poll.as_micros()
+            ));
+        }
         let cpu = |s: Setup, j: Job| {
             self.row(s, j)
                 .and_then(|r| r.median.cpu.watched_us_per_io)
@@ -298,8 +307,8 @@ impl SuiteReport {
                 out.push(format!(
                     "{}: the nexus layer costs {:+.2} µs of engine CPU per I/O ({:.2} with the \
                      nexus vs {:.2} alone): with a local child it adds no network hop, only the \
-                     nexus channel (child choice, one more boxed I/O future, and the fan-out join \
-                     for writes) on the same reactor.",
+                     nexus channel (child choice, write bookkeeping, one more boxed I/O future) \
+                     on the same reactor.",
                     job.label(),
                     n - r,
                     n,
@@ -312,7 +321,7 @@ impl SuiteReport {
                 .map(|r| r.median.total.latency.mean_us)
                 .filter(|&v| v > 0.0)
         };
-        for &s in &self.options.setups {
+        for &s in self.options.setups.iter().filter(|s| s.uses_engine()) {
             if let (Some(p), Some(z)) = (self.qd1_us(s), sleep_us(s)) {
                 out.push(format!(
                     "{s} QD1: {p:.1} µs with the load generator polling between I/Os (qd1-read), \
@@ -347,7 +356,7 @@ impl SuiteReport {
                     row.setup, row.job, bench_cores, m.cpu.job_threads_us_per_io
                 ));
             }
-            if row.job == Job::RandRead.label() {
+            if row.job == Job::RandRead.label() && self.options.engine_busy_poll.is_zero() {
                 if let Some(c) = row.engine_cores() {
                     if c > 0.85 * self.options.engine_cpus.len().max(1) as f64 {
                         out.push(format!(
