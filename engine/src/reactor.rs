@@ -63,12 +63,16 @@ pub fn note_activity() {
 /// `/dev/zero`, completed at submission) in flight, so the runtime enters
 /// the kernel for completions without waiting, until `window` passes with no
 /// new activity; then it parks until the next one. One operation per turn
-/// of the runtime: the other tasks run as usual between turns, and each turn
-/// yields the CPU to any other thread ready on it.
+/// of the runtime: the other tasks run as usual between turns.
 ///
-/// It does not poll while file or block-device I/O of this thread is in
-/// flight ([`cairn_bdev::file::io_in_flight`]): only waits on the network
-/// cross cores.
+/// Polling only pays when the core would otherwise go idle, so it stops for
+/// the window (parks until the next activity):
+/// - while file or block-device I/O of this thread is in flight
+///   ([`cairn_bdev::file::io_in_flight`]): its completion comes from this
+///   core (its io_uring workers), which polling would only compete with;
+/// - once the thread has been preempted since the window began: another
+///   thread on this core needed it, so the core is not idling, a wake-up
+///   costs no more than polling, and polling would take its time.
 ///
 /// Runs forever; spawn it with `monoio::spawn` so it is dropped with its
 /// runtime, and call [`stop_busy_poll`] before the runtime ends.
@@ -93,23 +97,27 @@ pub async fn busy_poll(window: std::time::Duration) {
         .await;
         seen = ACTIVITY.with(|a| a.get());
         let mut last = std::time::Instant::now();
+        let preempted = involuntary_switches();
         loop {
-            if cairn_bdev::file::io_in_flight() > 0 {
-                // The device's completion wakes this thread from its own
-                // core; the window restarts with the next activity.
-                break;
-            }
-            // Threads that share this core (io_uring workers, the reactors
-            // of other engines) get their turn: the I/O being polled for
-            // may be theirs to finish.
-            // SAFETY: sched_yield takes no arguments and has no
-            // preconditions.
-            unsafe { libc::sched_yield() };
+            // One turn: the read completes once every task already queued
+            // (the commands that woke this poller among them) has run and
+            // the runtime has entered the kernel.
             let (r, b) = zero.read_at(buf, 0).await;
             buf = b;
             if let Err(e) = r {
                 tracing::warn!(error = %e, "reading /dev/zero failed: reactor stops polling");
                 return;
+            }
+            if cairn_bdev::file::io_in_flight() > 0 {
+                // The device's completion wakes this thread from its own
+                // core; the window restarts with the next activity.
+                break;
+            }
+            if involuntary_switches() != preempted {
+                // Another thread on this core needed it: the core is not
+                // going idle, so a wake-up costs no more than polling, and
+                // polling would take time from that thread.
+                break;
             }
             let now = ACTIVITY.with(|a| a.get());
             if now != seen {
@@ -119,6 +127,19 @@ pub async fn busy_poll(window: std::time::Duration) {
                 break;
             }
         }
+    }
+}
+
+/// How many times the calling thread has been preempted.
+fn involuntary_switches() -> i64 {
+    // SAFETY: all-zero bytes are a valid `rusage` (plain integers).
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    if rc == 0 {
+        ru.ru_nivcsw
+    } else {
+        0
     }
 }
 
@@ -393,7 +414,7 @@ mod tests {
                 "idle thread used {idle:?}"
             );
             // Activity opens the window: the thread stays on the CPU for
-            // much of it (sched_yield may hand the core to others, so the
+            // much of it (other threads may preempt it, which ends it, so the
             // bound is loose), then sleeps again.
             note_activity();
             let busy = cpu_over(Duration::from_millis(120)).await;
