@@ -436,14 +436,7 @@ fn job_thread(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         }
     };
     let busy_poll = args.spec.busy_poll;
-    rt.block_on(async move {
-        if !busy_poll.is_zero() {
-            monoio::spawn(cairn_engine::reactor::busy_poll(busy_poll));
-        }
-        let r = run_job(args).await;
-        cairn_engine::reactor::stop_busy_poll();
-        r
-    })
+    rt.block_on(cairn_engine::reactor::polling(busy_poll, run_job(args)))
 }
 
 /// State shared by the workers of one job thread.

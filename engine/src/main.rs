@@ -47,7 +47,7 @@ struct Args {
     /// Microseconds a reactor keeps polling after network activity before
     /// it sleeps (0: sleep at once). Polling spares a host at low queue
     /// depth the wake-up of a sleeping thread on every I/O.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = cairn_engine::target::DEFAULT_BUSY_POLL.as_micros() as u64)]
     busy_poll_us: u64,
 }
 

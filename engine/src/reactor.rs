@@ -74,9 +74,8 @@ pub fn note_activity() {
 ///   thread on this core needed it, so the core is not idling, a wake-up
 ///   costs no more than polling, and polling would take its time.
 ///
-/// Runs forever; spawn it with `monoio::spawn` so it is dropped with its
-/// runtime, and call [`stop_busy_poll`] before the runtime ends.
-pub async fn busy_poll(window: std::time::Duration) {
+/// Runs forever; [`polling`] runs it beside a future.
+async fn busy_poll(window: std::time::Duration) {
     let zero = match std::fs::File::open("/dev/zero").and_then(monoio::fs::File::from_std) {
         Ok(f) => f,
         Err(e) => {
@@ -143,10 +142,17 @@ fn involuntary_switches() -> i64 {
     }
 }
 
-/// Drops the parked [`busy_poll`] waker of this thread, if any, while its
-/// runtime still exists.
-pub fn stop_busy_poll() {
+/// Runs `fut` on the calling monoio runtime with a [`busy_poll`] task beside
+/// it (none when `window` is zero). The poller is spawned, so it is dropped
+/// with the runtime; its parked waker is dropped here, while the runtime
+/// still exists.
+pub async fn polling<F: Future>(window: std::time::Duration, fut: F) -> F::Output {
+    if !window.is_zero() {
+        monoio::spawn(busy_poll(window));
+    }
+    let out = fut.await;
     POLLER.with(|p| p.borrow_mut().take());
+    out
 }
 
 /// Spawns a task on the calling reactor, counted so that a stopping
@@ -342,10 +348,7 @@ fn reactor_main(
             return;
         }
     };
-    rt.block_on(async move {
-        if !poll.is_zero() {
-            monoio::spawn(busy_poll(poll));
-        }
+    rt.block_on(polling(poll, async move {
         while let Ok(job) = rx.recv_async().await {
             job();
         }
@@ -360,8 +363,7 @@ fn reactor_main(
         if left > 0 {
             tracing::warn!(tasks = left, "reactor stopped with tasks still running");
         }
-        stop_busy_poll();
-    });
+    }));
 }
 
 /// The io_uring set-up of reactors: completions are delivered when the
@@ -404,9 +406,8 @@ mod tests {
             .enable_timer()
             .build()
             .unwrap();
-        rt.block_on(async {
-            let window = Duration::from_millis(40);
-            monoio::spawn(busy_poll(window));
+        let window = Duration::from_millis(40);
+        rt.block_on(polling(window, async {
             // Nothing happened yet: the thread sleeps on its timer.
             let idle = cpu_over(Duration::from_millis(100)).await;
             assert!(
@@ -448,8 +449,7 @@ mod tests {
                 with_io < Duration::from_millis(10),
                 "polled through file I/O: {with_io:?}"
             );
-            stop_busy_poll();
-        });
+        }));
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub struct TargetConfig {
     /// Largest transfer, as a power of two of 4 KiB (MDTS).
     pub mdts: u8,
     /// How long the target's own reactors poll after network activity
-    /// before they sleep (zero: never poll). See `reactor::busy_poll`.
+    /// before they sleep (zero: never poll). See `reactor::polling`.
     pub busy_poll: std::time::Duration,
 }
 
