@@ -39,5 +39,5 @@ pub mod verify;
 pub use model::{ModelDevice, ModelParams};
 pub use report::{markdown_table, median_runs, to_json};
 pub use result::{BenchResult, CpuStats, LatencyStats, OpStats, VerifyStats};
-pub use runner::{run, Progress, RunError, RunOptions};
+pub use runner::{run, run_interleaved, Progress, RunError, RunOptions};
 pub use spec::{parse_duration, parse_size, JobSpec, Pattern, SpecError};

@@ -109,8 +109,56 @@ pub fn run(
     spec: &JobSpec,
     opts: &RunOptions,
 ) -> Result<BenchResult, RunError> {
+    let mut r = run_interleaved(&[dev], spec, Duration::ZERO, opts)?;
+    Ok(r.swap_remove(0))
+}
+
+/// Runs `spec` against each of `devs` in turn within one run: the run is
+/// cut into slices of `slice`, and slice k (counted from the start of the
+/// measured window) belongs to device `k % devs.len()`. When a slice ends,
+/// a job thread stops issuing, lets its I/Os in flight complete, and only
+/// then starts on the next device, so the devices never overlap. Returns
+/// one result per device, each over its own turns: from the first I/O of a
+/// turn to the last completion, with the CPU times of those turns (the
+/// process's and the watched threads' are sampled by job thread 0 at its
+/// switches, so they are exact with one job thread).
+///
+/// This is how two setups are compared on a machine whose speed drifts: a
+/// drift slower than a few slices slows both alike, so the ratio of their
+/// IOPS keeps only the difference between them.
+pub fn run_interleaved(
+    devs: &[Arc<dyn BlockDevice>],
+    spec: &JobSpec,
+    slice: Duration,
+    opts: &RunOptions,
+) -> Result<Vec<BenchResult>, RunError> {
     spec.validate()?;
-    let layout = Layout::new(&dev.info(), spec)?;
+    let Some(first) = devs.first() else {
+        return Err(RunError::Layout {
+            reason: "no device to run against".into(),
+        });
+    };
+    let layout = Layout::new(&first.info(), spec)?;
+    if devs.len() > 1 {
+        if slice.is_zero() {
+            return Err(RunError::Layout {
+                reason: "interleaving devices needs a slice longer than zero".into(),
+            });
+        }
+        if spec.verify {
+            return Err(RunError::Layout {
+                reason: "verify runs against one device at a time".into(),
+            });
+        }
+        for d in &devs[1..] {
+            if Layout::new(&d.info(), spec)? != layout {
+                return Err(RunError::Layout {
+                    reason: "interleaved devices differ in size or block size".into(),
+                });
+            }
+        }
+    }
+    let slices = Slices::new(devs.len(), slice);
     let jobs = spec.jobs;
     let counters: Arc<[PaddedCounter]> = (0..jobs).map(|_| PaddedCounter::default()).collect();
     let gate = Arc::new(Gate::default());
@@ -119,7 +167,9 @@ pub fn run(
     let mut handles: Vec<JoinHandle<Result<JobOutcome, RunError>>> = Vec::new();
     for job in 0..jobs {
         let ctx = ThreadArgs {
-            dev: dev.clone(),
+            devs: devs.to_vec(),
+            slices,
+            watch: (job == 0 && devs.len() > 1).then(|| opts.clone()),
             spec: spec.clone(),
             layout,
             job,
@@ -135,7 +185,7 @@ pub fn run(
             Ok(h) => handles.push(h),
             Err(source) => {
                 // Release the threads already started without running them.
-                gate.open(false);
+                gate.open(None);
                 for h in handles {
                     let _ = h.join();
                 }
@@ -150,7 +200,7 @@ pub fn run(
     while !gate.wait_ready(jobs as usize, Duration::from_millis(100)) {
         // A thread that ended before reporting ready died in its setup.
         if handles.iter().any(|h| h.is_finished()) {
-            gate.open(false);
+            gate.open(None);
             let mut first = None;
             for (job, h) in handles.into_iter().enumerate() {
                 let e = match h.join() {
@@ -163,8 +213,8 @@ pub fn run(
             return Err(first.unwrap_or(RunError::Aborted));
         }
     }
-    gate.open(true);
     let t0 = Instant::now();
+    gate.open(Some(t0));
     let measure_from = t0 + spec.ramp;
     let total = spec.ramp + spec.runtime;
 
@@ -173,7 +223,7 @@ pub fn run(
         Progress::Never => false,
         Progress::Auto => std::io::stderr().is_terminal(),
     };
-    let mut cpu_start: Option<(Option<Duration>, Option<Duration>)> = None;
+    let mut cpu_start: Option<CpuSample> = None;
     let mut last_draw = t0;
     let mut last_count = 0u64;
     let mut drawn = false;
@@ -200,7 +250,9 @@ pub fn run(
         std::thread::sleep(nap);
     }
     let cpu_end = sample_cpu(opts);
-    let cpu_start = cpu_start.unwrap_or(cpu_end);
+    // A run that ended before its measured window measured nothing.
+    let mut whole = CpuSplit::new(1);
+    whole.add(0, &cpu_start.unwrap_or(cpu_end), &cpu_end);
     if drawn {
         eprintln!();
     }
@@ -221,7 +273,77 @@ pub fn run(
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(merge(spec, outcomes, cpu_start, cpu_end, opts))
+    Ok(merge(spec, slices, measure_from, outcomes, whole, opts))
+}
+
+/// How a run divides its time between its devices.
+#[derive(Debug, Clone, Copy)]
+struct Slices {
+    devices: usize,
+    /// Nanoseconds per slice; 0 with one device.
+    len_ns: u64,
+}
+
+impl Slices {
+    fn new(devices: usize, slice: Duration) -> Slices {
+        let len_ns = if devices > 1 {
+            u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX).max(1)
+        } else {
+            0
+        };
+        Slices {
+            devices: devices.max(1),
+            len_ns,
+        }
+    }
+
+    /// The device whose slice holds `t` (the ramp takes turns too).
+    fn at(&self, measure_from: Instant, t: Instant) -> usize {
+        if self.len_ns == 0 {
+            return 0;
+        }
+        let k = if t >= measure_from {
+            ((t - measure_from).as_nanos() / u128::from(self.len_ns)) as i64
+        } else {
+            -((measure_from - t)
+                .as_nanos()
+                .div_ceil(u128::from(self.len_ns)) as i64)
+        };
+        k.rem_euclid(self.devices as i64) as usize
+    }
+}
+
+/// Process and watched CPU times at one instant.
+type CpuSample = (Option<Duration>, Option<Duration>);
+
+/// Process and watched CPU time per device.
+#[derive(Debug, Clone)]
+struct CpuSplit {
+    process: Vec<Duration>,
+    watched: Vec<Duration>,
+    /// Whether the watched CPU could be read at all.
+    watched_seen: bool,
+}
+
+impl CpuSplit {
+    fn new(devices: usize) -> CpuSplit {
+        CpuSplit {
+            process: vec![Duration::ZERO; devices],
+            watched: vec![Duration::ZERO; devices],
+            watched_seen: false,
+        }
+    }
+
+    /// Gives device `d` what was spent between samples `a` and `b`.
+    fn add(&mut self, d: usize, a: &CpuSample, b: &CpuSample) {
+        if let (Some(x), Some(y)) = (a.0, b.0) {
+            self.process[d] += y.saturating_sub(x);
+        }
+        if let (Some(x), Some(y)) = (a.1, b.1) {
+            self.watched[d] += y.saturating_sub(x);
+            self.watched_seen = true;
+        }
+    }
 }
 
 fn draw_progress(name: &str, elapsed: Duration, total: Duration, iops: f64, count: u64) {
@@ -237,7 +359,7 @@ fn draw_progress(name: &str, elapsed: Duration, total: Duration, iops: f64, coun
     let _ = err.flush();
 }
 
-fn sample_cpu(opts: &RunOptions) -> (Option<Duration>, Option<Duration>) {
+fn sample_cpu(opts: &RunOptions) -> CpuSample {
     let watched = match (opts.watch_pid, opts.watch_threads.as_slice()) {
         (Some(p), _) => cpu::pid_cpu(p).ok(),
         (None, []) => None,
@@ -255,7 +377,7 @@ fn run_nonce(seed: u64) -> u64 {
 }
 
 /// Where a job's I/Os go, worked out once from the device and the spec.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Layout {
     dev_block: u64,
     /// Device blocks per I/O.
@@ -331,7 +453,8 @@ impl Layout {
 #[repr(align(64))]
 struct PaddedCounter(AtomicU64);
 
-/// Starts every job thread at once, after all have set up.
+/// Starts every job thread at once, after all have set up, from one start
+/// time that they and the caller share (interleaved devices switch in step).
 #[derive(Default)]
 struct Gate {
     state: Mutex<GateState>,
@@ -341,8 +464,8 @@ struct Gate {
 #[derive(Default)]
 struct GateState {
     ready: usize,
-    /// `Some(true)` to run, `Some(false)` to abort.
-    open: Option<bool>,
+    /// `Some(Some(start))` to run, `Some(None)` to abort.
+    open: Option<Option<Instant>>,
 }
 
 impl Gate {
@@ -351,8 +474,9 @@ impl Gate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by a job thread: reports it is ready, waits for the verdict.
-    fn ready_and_wait(&self) -> bool {
+    /// Called by a job thread: reports it is ready, waits for the verdict:
+    /// the start time, or `None` to abort.
+    fn ready_and_wait(&self) -> Option<Instant> {
         let mut st = self.lock();
         st.ready += 1;
         self.cv.notify_all();
@@ -375,14 +499,17 @@ impl Gate {
         st.ready >= n
     }
 
-    fn open(&self, go: bool) {
-        self.lock().open = Some(go);
+    fn open(&self, start: Option<Instant>) {
+        self.lock().open = Some(start);
         self.cv.notify_all();
     }
 }
 
 struct ThreadArgs {
-    dev: Arc<dyn BlockDevice>,
+    devs: Vec<Arc<dyn BlockDevice>>,
+    slices: Slices,
+    /// What to sample at each switch between devices (job thread 0 only).
+    watch: Option<RunOptions>,
     spec: JobSpec,
     layout: Layout,
     job: u32,
@@ -392,17 +519,16 @@ struct ThreadArgs {
     nonce: u64,
 }
 
-/// What one job thread hands back.
+/// What one job thread hands back: one part per device.
 struct JobOutcome {
-    read: Histogram<u64>,
-    write: Histogram<u64>,
-    ramp_ios: u64,
-    errors: u64,
-    first_errors: Vec<String>,
-    verify: Option<VerifyStats>,
-    measure_from: Instant,
-    last_completion: Option<Instant>,
-    thread_cpu: Duration,
+    parts: Vec<Recorder>,
+    /// This thread's CPU time per device over the measured window.
+    thread_cpu: Vec<Duration>,
+    /// With several devices: the time of the measured turns per device.
+    busy: Vec<Duration>,
+    /// With several devices, from job thread 0: the process's and the
+    /// watched threads' CPU per device.
+    shared_cpu: Option<CpuSplit>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -441,7 +567,9 @@ fn job_thread(args: ThreadArgs) -> Result<JobOutcome, RunError> {
 
 /// State shared by the workers of one job thread.
 struct Job {
-    ch: Box<dyn IoChannel>,
+    /// One channel per device, in the run's order.
+    chs: Vec<Box<dyn IoChannel>>,
+    slices: Slices,
     read_pct: u8,
     random: bool,
     layout: Layout,
@@ -459,10 +587,36 @@ struct Job {
     verify: Option<VerifyState>,
     counter: Arc<[PaddedCounter]>,
     job: usize,
-    rec: RefCell<Recorder>,
+    /// What was measured, per device.
+    recs: Vec<RefCell<Recorder>>,
     yielder: Rc<Yielder>,
-    /// Thread CPU time when the measured window began, once it has.
+    /// With one device: this thread's CPU time when the measured window
+    /// began, once it has.
     cpu_at_measure: Cell<Option<Option<Duration>>>,
+    /// With several devices: whose turn it is.
+    turn: RefCell<Turn>,
+    /// What job thread 0 samples at its switches besides its own CPU time.
+    watch: Option<RunOptions>,
+}
+
+/// Whose turn it is on a job thread that runs against several devices, and
+/// what the turns so far measured.
+struct Turn {
+    dev: usize,
+    /// When this turn began: it counts if that was in the measured window.
+    began: Instant,
+    in_flight: u32,
+    /// Workers waiting for this turn's I/Os to drain.
+    waiting: Vec<Waker>,
+    last_completion: Instant,
+    /// CPU times when this turn began.
+    thread_cpu_at: Option<Duration>,
+    shared_cpu_at: Option<CpuSample>,
+    /// Per device, over the counted turns: their time, and this thread's CPU.
+    busy: Vec<Duration>,
+    thread_cpu: Vec<Duration>,
+    /// Per device: the process's and the watched threads' CPU (job 0).
+    shared_cpu: CpuSplit,
 }
 
 struct VerifyState {
@@ -549,17 +703,25 @@ impl Job {
             .map_or(0, |v| (v.nonce << 32) | u64::from(count))
     }
 
-    fn record(&self, is_read: bool, issued: Instant, done: Instant, ok: bool) {
+    fn record(
+        &self,
+        d: usize,
+        measured: bool,
+        is_read: bool,
+        issued: Instant,
+        done: Instant,
+        ok: bool,
+    ) {
         self.counter[self.job].0.fetch_add(1, Ordering::Relaxed);
-        let mut rec = self.rec.borrow_mut();
+        let mut rec = self.recs[d].borrow_mut();
         if !ok {
             return;
         }
-        if issued < self.measure_from {
+        if !measured {
             rec.ramp_ios += 1;
             return;
         }
-        if self.cpu_at_measure.get().is_none() {
+        if self.chs.len() == 1 && self.cpu_at_measure.get().is_none() {
             self.cpu_at_measure.set(Some(cpu::thread_cpu().ok()));
         }
         let ns = u64::try_from((done - issued).as_nanos()).unwrap_or(u64::MAX);
@@ -572,8 +734,70 @@ impl Job {
         rec.last_completion = Some(done);
     }
 
-    fn record_error(&self, is_read: bool, lba: u64, e: &BdevError) {
-        let mut rec = self.rec.borrow_mut();
+    /// Waits until the device whose slice it is has this thread's turn,
+    /// and counts one more I/O in flight in the turn. Returns the device and
+    /// whether the turn is measured.
+    fn take_turn(&self) -> impl Future<Output = (usize, bool)> + '_ {
+        std::future::poll_fn(move |cx| {
+            let want = self.slices.at(self.measure_from, Instant::now());
+            let mut t = self.turn.borrow_mut();
+            if t.dev != want {
+                if t.in_flight > 0 {
+                    t.waiting.push(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                self.switch(&mut t, want);
+            }
+            t.in_flight += 1;
+            Poll::Ready((t.dev, t.began >= self.measure_from))
+        })
+    }
+
+    /// Counts an I/O of the turn as done; the last one of a turn that is
+    /// over lets the waiting workers start the next.
+    fn end_io(&self, now: Instant) {
+        let mut t = self.turn.borrow_mut();
+        t.in_flight -= 1;
+        t.last_completion = now;
+        if t.in_flight == 0 {
+            let waiting = std::mem::take(&mut t.waiting);
+            drop(t);
+            for w in waiting {
+                w.wake();
+            }
+        }
+    }
+
+    /// Ends the current turn (nothing of it is in flight) and begins one on
+    /// device `to`.
+    fn switch(&self, t: &mut Turn, to: usize) {
+        self.close_turn(t);
+        t.dev = to;
+        t.began = Instant::now();
+        t.last_completion = t.began;
+    }
+
+    /// Books the current turn, if it counts, and samples the CPU times the
+    /// next one starts from.
+    fn close_turn(&self, t: &mut Turn) {
+        let thread_cpu = cpu::thread_cpu().ok();
+        let shared = self.watch.as_ref().map(sample_cpu);
+        if t.began >= self.measure_from {
+            let d = t.dev;
+            t.busy[d] += t.last_completion.saturating_duration_since(t.began);
+            if let (Some(a), Some(b)) = (t.thread_cpu_at, thread_cpu) {
+                t.thread_cpu[d] += b.saturating_sub(a);
+            }
+            if let (Some(a), Some(b)) = (&t.shared_cpu_at, &shared) {
+                t.shared_cpu.add(d, a, b);
+            }
+        }
+        t.thread_cpu_at = thread_cpu;
+        t.shared_cpu_at = shared;
+    }
+
+    fn record_error(&self, d: usize, is_read: bool, lba: u64, e: &BdevError) {
+        let mut rec = self.recs[d].borrow_mut();
         rec.errors += 1;
         if rec.first_errors.len() < KEEP_FIRST {
             let op = if is_read { "read" } else { "write" };
@@ -593,7 +817,8 @@ impl Job {
             0 => None,
             c => Some(self.generation(c)),
         };
-        let mut rec = self.rec.borrow_mut();
+        // Verify runs against one device.
+        let mut rec = self.recs[0].borrow_mut();
         for (i, block) in data
             .chunks_exact(self.layout.dev_block as usize)
             .enumerate()
@@ -625,7 +850,9 @@ impl Job {
 
 async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
     let ThreadArgs {
-        dev,
+        devs,
+        slices,
+        watch,
         spec,
         layout,
         job,
@@ -634,7 +861,7 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         stop,
         nonce,
     } = args;
-    let ch = dev.open_channel();
+    let chs: Result<Vec<_>, _> = devs.iter().map(|d| d.open_channel()).collect();
     let qd = u64::from(spec.queue_depth);
     let bs = spec.block_size as usize;
     // Buffers first, so that allocation is not timed.
@@ -653,11 +880,10 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         expected: RefCell::new(vec![0; layout.units_per_job as usize]),
     });
     let go = gate.ready_and_wait();
-    let ch = ch.map_err(|source| RunError::Channel { job, source })?;
-    if !go {
+    let chs = chs.map_err(|source| RunError::Channel { job, source })?;
+    let Some(start) = go else {
         return Err(RunError::Aborted);
-    }
-    let start = Instant::now();
+    };
     let measure_from = start + spec.ramp;
     let stop_at = if spec.runtime.is_zero() {
         None
@@ -665,7 +891,22 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         Some(measure_from + spec.runtime)
     };
     let ctx = Rc::new(Job {
-        ch,
+        recs: chs.iter().map(|_| RefCell::new(Recorder::new())).collect(),
+        turn: RefCell::new(Turn {
+            dev: slices.at(measure_from, start),
+            began: start,
+            in_flight: 0,
+            waiting: Vec::new(),
+            last_completion: start,
+            thread_cpu_at: None,
+            shared_cpu_at: None,
+            busy: vec![Duration::ZERO; chs.len()],
+            thread_cpu: vec![Duration::ZERO; chs.len()],
+            shared_cpu: CpuSplit::new(chs.len()),
+        }),
+        watch,
+        chs,
+        slices,
         read_pct: spec.pattern.read_pct(),
         random: spec.pattern.is_random(),
         layout,
@@ -682,7 +923,6 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
         verify,
         counter: counters,
         job: job as usize,
-        rec: RefCell::new(Recorder::new()),
         yielder: Rc::new(Yielder::default()),
         cpu_at_measure: Cell::new(None),
     });
@@ -691,7 +931,8 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
     // CPU time of this thread over the measured window: sampled now when
     // there is no ramp, else by the first worker to see the ramp end (a
     // timer task would starve while workers never let the reactor park).
-    if spec.ramp.is_zero() {
+    // With several devices, the turns sample it instead.
+    if spec.ramp.is_zero() && ctx.chs.len() == 1 {
         ctx.cpu_at_measure.set(Some(cpu::thread_cpu().ok()));
     }
 
@@ -706,24 +947,32 @@ async fn run_job(args: ThreadArgs) -> Result<JobOutcome, RunError> {
     ctx.yielder.finish();
     helper.await;
     let end_cpu = cpu::thread_cpu().ok();
-    // A run stopped before its ramp ended measured nothing.
-    let start_cpu = ctx.cpu_at_measure.get().flatten();
-    let thread_cpu = match (start_cpu, end_cpu) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => Duration::ZERO,
-    };
-
-    let rec = ctx.rec.replace(Recorder::new());
+    let parts = ctx
+        .recs
+        .iter()
+        .map(|r| r.replace(Recorder::new()))
+        .collect();
+    if ctx.chs.len() == 1 {
+        // A run stopped before its ramp ended measured nothing.
+        let start_cpu = ctx.cpu_at_measure.get().flatten();
+        let thread_cpu = match (start_cpu, end_cpu) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => Duration::ZERO,
+        };
+        return Ok(JobOutcome {
+            parts,
+            thread_cpu: vec![thread_cpu],
+            busy: Vec::new(),
+            shared_cpu: None,
+        });
+    }
+    let mut t = ctx.turn.borrow_mut();
+    ctx.close_turn(&mut t);
     Ok(JobOutcome {
-        read: rec.read,
-        write: rec.write,
-        ramp_ios: rec.ramp_ios,
-        errors: rec.errors,
-        first_errors: rec.first_errors,
-        verify: ctx.verify.as_ref().map(|_| rec.verify),
-        measure_from,
-        last_completion: rec.last_completion,
-        thread_cpu,
+        parts,
+        thread_cpu: std::mem::take(&mut t.thread_cpu),
+        busy: std::mem::take(&mut t.busy),
+        shared_cpu: ctx.watch.is_some().then(|| t.shared_cpu.clone()),
     })
 }
 
@@ -755,20 +1004,30 @@ async fn worker(ctx: Rc<Job>, w: u64, mut buf: IoBuf, seed: u64) {
                 verify::fill(&mut buf, lba, dev_block, ctx.generation(count));
             }
         }
+        let (d, measured) = if ctx.chs.len() > 1 {
+            ctx.take_turn().await
+        } else {
+            (0, true)
+        };
         ctx.issued.set(ctx.issued.get() + 1);
         let issued = Instant::now();
+        let measured = measured && issued >= ctx.measure_from;
+        let ch = &ctx.chs[d];
         let mut io = Watched {
             fut: if is_read {
-                ctx.ch.read(lba, buf)
+                ch.read(lba, buf)
             } else {
-                ctx.ch.write(lba, buf, false)
+                ch.write(lba, buf, false)
             },
             pended: false,
         };
         let (r, b) = (&mut io).await;
         buf = b;
         now = Instant::now();
-        ctx.record(is_read, issued, now, r.is_ok());
+        if ctx.chs.len() > 1 {
+            ctx.end_io(now);
+        }
+        ctx.record(d, measured, is_read, issued, now, r.is_ok());
         match r {
             Ok(()) if is_read => ctx.check_read(unit, lba, &buf),
             Ok(()) => {
@@ -782,7 +1041,7 @@ async fn worker(ctx: Rc<Job>, w: u64, mut buf: IoBuf, seed: u64) {
                         v.expected.borrow_mut()[unit as usize] = UNKNOWN;
                     }
                 }
-                ctx.record_error(is_read, lba, &e);
+                ctx.record_error(d, is_read, lba, &e);
             }
         }
         if !io.pended {
@@ -795,9 +1054,49 @@ async fn worker(ctx: Rc<Job>, w: u64, mut buf: IoBuf, seed: u64) {
 
 fn merge(
     spec: &JobSpec,
+    slices: Slices,
+    measure_from: Instant,
     outcomes: Vec<JobOutcome>,
-    cpu_start: (Option<Duration>, Option<Duration>),
-    cpu_end: (Option<Duration>, Option<Duration>),
+    whole: CpuSplit,
+    opts: &RunOptions,
+) -> Vec<BenchResult> {
+    let n = slices.devices;
+    let threads = outcomes.len().max(1) as u32;
+    (0..n)
+        .map(|d| {
+            let parts = outcomes.iter().map(|o| (&o.parts[d], o.thread_cpu[d]));
+            let (secs, process, watched) = if n == 1 {
+                // From the start of the measured window to the last
+                // completion.
+                let window = outcomes
+                    .iter()
+                    .filter_map(|o| o.parts[0].last_completion)
+                    .map(|t| t.saturating_duration_since(measure_from))
+                    .max()
+                    .unwrap_or_default();
+                let watched = whole.watched_seen.then_some(whole.watched[0]);
+                (window, whole.process[0], watched)
+            } else {
+                // The job threads took their turns side by side: a device's
+                // time is their mean.
+                let busy: Duration = outcomes.iter().map(|o| o.busy[d]).sum();
+                let shared = outcomes.first().and_then(|o| o.shared_cpu.as_ref());
+                let process = shared.map_or(Duration::ZERO, |c| c.process[d]);
+                let watched = shared.and_then(|c| c.watched_seen.then_some(c.watched[d]));
+                (busy / threads, process, watched)
+            };
+            merge_device(spec, parts, secs.as_secs_f64(), process, watched, opts)
+        })
+        .collect()
+}
+
+/// One device's result from every job thread's part of it.
+fn merge_device<'a>(
+    spec: &JobSpec,
+    parts: impl Iterator<Item = (&'a Recorder, Duration)>,
+    secs: f64,
+    process: Duration,
+    watched: Option<Duration>,
     opts: &RunOptions,
 ) -> BenchResult {
     let mut read = new_histogram();
@@ -805,39 +1104,34 @@ fn merge(
     let mut ramp_ios = 0;
     let mut errors = 0;
     let mut first_errors = Vec::new();
-    let mut verify: Option<VerifyStats> = None;
-    let mut elapsed = Duration::ZERO;
+    let mut verify = spec.verify.then(VerifyStats::default);
     let mut thread_cpu = Duration::ZERO;
-    let mut ios_per_job = Vec::with_capacity(outcomes.len());
-    for o in outcomes {
+    let mut ios_per_job = Vec::new();
+    for (p, cpu) in parts {
         // Same bounds on every histogram: adding cannot fail.
-        let _ = read.add(&o.read);
-        let _ = write.add(&o.write);
-        ios_per_job.push(o.read.len() + o.write.len());
-        ramp_ios += o.ramp_ios;
-        errors += o.errors;
-        for e in o.first_errors {
+        let _ = read.add(&p.read);
+        let _ = write.add(&p.write);
+        ios_per_job.push(p.read.len() + p.write.len());
+        ramp_ios += p.ramp_ios;
+        errors += p.errors;
+        for e in &p.first_errors {
             if first_errors.len() < KEEP_FIRST {
-                first_errors.push(e);
+                first_errors.push(e.clone());
             }
         }
-        if let Some(v) = o.verify {
-            let acc = verify.get_or_insert_with(VerifyStats::default);
+        if let Some(acc) = verify.as_mut() {
+            let v = &p.verify;
             acc.blocks_checked += v.blocks_checked;
             acc.blocks_unwritten += v.blocks_unwritten;
             acc.mismatches += v.mismatches;
-            for m in v.first_mismatches {
+            for m in &v.first_mismatches {
                 if acc.first_mismatches.len() < KEEP_FIRST {
-                    acc.first_mismatches.push(m);
+                    acc.first_mismatches.push(m.clone());
                 }
             }
         }
-        if let Some(last) = o.last_completion {
-            elapsed = elapsed.max(last.saturating_duration_since(o.measure_from));
-        }
-        thread_cpu += o.thread_cpu;
+        thread_cpu += cpu;
     }
-    let secs = elapsed.as_secs_f64();
     let bs = u64::from(spec.block_size);
     let mut all = new_histogram();
     let _ = all.add(&read);
@@ -851,11 +1145,6 @@ fn merge(
             d.as_secs_f64() * 1e6 / ios as f64
         }
     };
-    let process = match cpu_start.0.zip(cpu_end.0) {
-        Some((a, b)) => b.saturating_sub(a),
-        None => Duration::ZERO,
-    };
-    let watched = cpu_start.1.zip(cpu_end.1).map(|(a, b)| b.saturating_sub(a));
     BenchResult {
         name: spec.name.clone(),
         spec: spec.clone(),
@@ -971,5 +1260,33 @@ impl Future for YieldHelper {
         }
         *self.0.helper.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_take_turns_from_the_measured_window() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now() + ms(1000);
+        let s = Slices::new(2, ms(20));
+        assert_eq!(s.at(t0, t0), 0);
+        assert_eq!(s.at(t0, t0 + ms(19)), 0);
+        assert_eq!(s.at(t0, t0 + ms(20)), 1);
+        assert_eq!(s.at(t0, t0 + ms(45)), 0);
+        // The ramp takes turns too, ending on the last device.
+        assert_eq!(s.at(t0, t0 - ms(1)), 1);
+        assert_eq!(s.at(t0, t0 - ms(20)), 1);
+        assert_eq!(s.at(t0, t0 - ms(21)), 0);
+        let three = Slices::new(3, ms(10));
+        assert_eq!(three.at(t0, t0 + ms(25)), 2);
+        assert_eq!(three.at(t0, t0 + ms(31)), 0);
+        assert_eq!(three.at(t0, t0 - ms(5)), 2);
+        // One device has the whole run, whatever the slice.
+        let one = Slices::new(1, ms(20));
+        assert_eq!(one.at(t0, t0 + ms(35)), 0);
+        assert_eq!(one.at(t0, t0 - ms(35)), 0);
     }
 }

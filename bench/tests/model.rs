@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use cairn_bdev::ram::RamDevice;
 use cairn_bdev::BlockDevice;
-use cairn_bench::{markdown_table, run, JobSpec, ModelDevice, ModelParams, Progress, RunOptions};
+use std::time::Duration;
+
+use cairn_bench::{
+    markdown_table, run, run_interleaved, JobSpec, ModelDevice, ModelParams, Progress, RunOptions,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -107,4 +111,56 @@ fn queue_depth_overlaps_latency() {
         r.total.iops
     );
     assert!(r.total.latency.min_us >= 1000.0);
+}
+
+#[test]
+fn interleaved_devices_are_each_measured_over_their_own_slices() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two devices with different rate limits, taking turns every 20 ms
+    // across two job threads. Each must show its own limit over its half of
+    // the run, not the blend of both over all of it.
+    let slow = model("lat=100us,iops=2000,burst=2");
+    let fast = model("lat=100us,iops=6000,burst=2");
+    let spec = JobSpec::from_args([
+        "--rw=randread",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--ramp=40ms",
+        "--runtime=600ms",
+    ])
+    .unwrap();
+    let r = run_interleaved(&[slow, fast], &spec, Duration::from_millis(20), &quiet()).unwrap();
+    eprint!("{}", markdown_table(&r));
+    assert_eq!(r.len(), 2);
+    for x in &r {
+        assert_eq!(x.errors, 0);
+        assert_eq!(x.ios_per_job.len(), 2);
+        assert!(x.elapsed_secs > 0.1, "{}", x.elapsed_secs);
+    }
+    // The turns never overlap: together they fit in the run.
+    let both = r[0].elapsed_secs + r[1].elapsed_secs;
+    assert!(both < 0.62, "{both} s of turns in a 600 ms run");
+    let (s, f) = (r[0].total.iops, r[1].total.iops);
+    assert!((1200.0..2400.0).contains(&s), "{s} IOPS, limit 2000");
+    assert!((3600.0..7000.0).contains(&f), "{f} IOPS, limit 6000");
+}
+
+#[test]
+fn interleaving_refuses_what_it_cannot_measure() {
+    let a = model("lat=10us");
+    let small: Arc<dyn BlockDevice> = Arc::new(RamDevice::new(4096, 2048));
+    let spec = JobSpec::from_args(["--rw=randread", "--runtime=50ms"]).unwrap();
+    let slice = Duration::from_millis(10);
+    let e = run_interleaved(&[a.clone(), small], &spec, slice, &quiet()).unwrap_err();
+    assert!(e.to_string().contains("differ"), "{e}");
+    let e = run_interleaved(&[a.clone(), a.clone()], &spec, Duration::ZERO, &quiet()).unwrap_err();
+    assert!(e.to_string().contains("slice"), "{e}");
+    let verify = JobSpec::from_args(["--rw=randrw", "--verify", "--runtime=50ms"]).unwrap();
+    let e = run_interleaved(&[a.clone(), a.clone()], &verify, slice, &quiet()).unwrap_err();
+    assert!(e.to_string().contains("verify"), "{e}");
+    assert!(run_interleaved(&[], &spec, slice, &quiet()).is_err());
+    // One device needs no slice: the same as `run`.
+    let r = run_interleaved(&[a], &spec, Duration::ZERO, &quiet()).unwrap();
+    assert_eq!(r.len(), 1);
+    assert!(r[0].total.ios > 0);
 }
