@@ -11,7 +11,7 @@ use cairn_bdev::file::{FileDevice, FileOptions};
 use cairn_bdev::ram::RamDevice;
 use cairn_bdev::BlockDevice;
 use cairn_bench::spec::{format_size, parse_count, parse_cpu_list, parse_duration};
-use cairn_bench::suite::{export_setups, run_suite, Setup, SuiteOptions};
+use cairn_bench::suite::{export_setups, run_suite, Job, Setup, SuiteOptions};
 use cairn_bench::{
     markdown_table, parse_size, report, run, JobSpec, ModelDevice, ModelParams, Pattern, Progress,
     RunOptions,
@@ -406,6 +406,12 @@ writes suite.md, suite.json and suite.png into DIR.
   --setups LIST       comma-separated, from: ram shm-file disk-odirect model ram-nvmf replica
                       replica-model nexus-1 nexus-2 nexus-3 nexus-1-model
                       nexus-2-model nexus-3-model
+  --jobs LIST         comma-separated, from: randread randwrite randrw qd1-read qd1-sleep
+                      (default: all)
+  --slice TIME        turn length when two setups are compared taking turns
+                      within each run (replica vs itself and vs nexus-1,
+                      nexus-1-model vs nexus-2-model and nexus-3-model, where
+                      both ran; default 20ms; 0 skips these comparisons)
   --engine-cpus LIST  CPUs of every engine reactor (default 0 on 2+ CPUs)
   --engine-busy-poll TIME  how long reactors poll after network activity
                       (default 50us; 0: they sleep at once)
@@ -512,6 +518,14 @@ fn suite_main(raw: Vec<String>, serving: bool) -> anyhow::Result<ExitCode> {
                             .map(str::parse::<Setup>)
                             .collect::<anyhow::Result<_>>()?
                     }
+                    "jobs" => {
+                        o.jobs = value
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::parse::<Job>)
+                            .collect::<anyhow::Result<_>>()?
+                    }
+                    "slice" => o.slice = parse_duration(&value)?,
                     "engine-cpus" => o.engine_cpus = parse_cpu_list(&value)?,
                     "engine-busy-poll" => o.engine_busy_poll = parse_duration(&value)?,
                     "bench-cpus" => o.bench_cpus = parse_cpu_list(&value)?,
@@ -525,6 +539,9 @@ fn suite_main(raw: Vec<String>, serving: bool) -> anyhow::Result<ExitCode> {
     }
     if o.runtime.is_zero() {
         bail!("--runtime must be more than zero");
+    }
+    if o.jobs.is_empty() {
+        bail!("--jobs names no job");
     }
     if o.size < (1 << 20) {
         bail!("--size must be at least 1m");

@@ -76,6 +76,35 @@ fn quick_suite_writes_table_json_and_chart() {
     }
     assert!(json["idle"]["reactor_threads"].as_u64().unwrap() >= 3);
 
+    // The setups compared taking turns: each pair and QD64 job, with IOPS
+    // for both sides of every run and the engine's CPU split between them.
+    assert!(md.contains("## Setups taking turns"), "{md}");
+    let pairs = json["interleaved"].as_array().unwrap();
+    for (base, other) in [
+        ("replica", "replica"),
+        ("replica", "nexus-1"),
+        ("nexus-1-model", "nexus-2-model"),
+        ("nexus-1-model", "nexus-3-model"),
+    ] {
+        for job in ["randread", "randwrite", "randrw"] {
+            let c = pairs
+                .iter()
+                .find(|c| c["base"] == base && c["other"] == other && c["job"] == job)
+                .unwrap_or_else(|| panic!("no {other} vs {base} {job} in {pairs:?}"));
+            for side in ["base", "other"] {
+                let iops = c[format!("{side}_iops")].as_array().unwrap();
+                assert_eq!(iops.len(), 1, "{c}");
+                assert!(iops[0].as_f64().unwrap() > 0.0, "{c}");
+                let cpu = c[format!("{side}_engine_us")].as_array().unwrap();
+                assert!(cpu[0].as_f64().unwrap() > 0.0, "{c}");
+            }
+        }
+    }
+    assert!(
+        md.contains("nexus-1 / replica alone, randread IOPS (taking turns"),
+        "{md}"
+    );
+
     // The chart: a PNG of some substance.
     let png = std::fs::read(out.join("suite.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
@@ -96,13 +125,19 @@ fn quick_suite_writes_table_json_and_chart() {
 }
 
 #[test]
-fn suite_rejects_unknown_setups() {
+fn suite_rejects_unknown_setups_and_jobs() {
     let o = bench()
         .args(["suite", "--quick", "--setups", "ram,nexus-4"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("1 to 3 replicas"));
+    let o = bench()
+        .args(["suite", "--quick", "--jobs", "randread,qd2"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown job \"qd2\""));
 }
 
 #[test]

@@ -42,11 +42,11 @@ use serde::{Deserialize, Serialize};
 use crate::cpu;
 use crate::model::{ModelDevice, ModelParams};
 use crate::result::BenchResult;
-use crate::runner::{run, Progress, RunOptions};
+use crate::runner::{run, run_interleaved, Progress, RunOptions};
 use crate::spec::{format_size, JobSpec, Pattern};
 use cluster::Cluster;
 
-pub use report::{IdleCpu, Ratio, RebuildRun, Row, SuiteReport};
+pub use report::{IdleCpu, Interleaved, Ratio, RebuildRun, Row, SuiteReport};
 
 /// What a suite runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +210,11 @@ impl Job {
         Job::Qd1Sleep,
     ];
 
+    /// Whether this is one of the queue-depth-1 latency jobs.
+    pub fn is_qd1(self) -> bool {
+        matches!(self, Job::Qd1Read | Job::Qd1Sleep)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Job::RandRead => "randread",
@@ -220,6 +225,32 @@ impl Job {
         }
     }
 }
+
+impl FromStr for Job {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Job> {
+        match Job::ALL.into_iter().find(|j| j.label() == s) {
+            Some(j) => Ok(j),
+            None => bail!(
+                "unknown job {s:?} ({})",
+                Job::ALL.map(Job::label).join(", ")
+            ),
+        }
+    }
+}
+
+/// The pairs of setups the suite also compares within runs, taking turns
+/// every slice (see [`run_interleaved`]): the second against the first.
+pub const COMPARISONS: [(Setup, Setup); 4] = [
+    // The same setup twice: how finely this machine resolves a difference.
+    (Setup::Replica, Setup::Replica),
+    // What the nexus layer costs.
+    (Setup::Replica, Setup::Nexus(1)),
+    // Replica scaling where the device is the bottleneck.
+    (Setup::NexusModel(1), Setup::NexusModel(2)),
+    (Setup::NexusModel(1), Setup::NexusModel(3)),
+];
 
 /// How to run a suite.
 #[derive(Debug, Clone, Serialize)]
@@ -240,6 +271,12 @@ pub struct SuiteOptions {
     /// The SSD model of the model setups.
     pub model: ModelParams,
     pub setups: Vec<Setup>,
+    /// The jobs to run (default: all).
+    pub jobs: Vec<Job>,
+    /// How long each setup's turn lasts in the interleaved comparisons;
+    /// zero skips them.
+    #[serde(with = "crate::spec::secs")]
+    pub slice: Duration,
     /// CPUs of the engine's reactors (all nodes).
     pub engine_cpus: Vec<usize>,
     /// How long the engine's reactors poll after network activity.
@@ -290,6 +327,12 @@ impl SuiteOptions {
             size: if quick { 32 << 20 } else { 512 << 20 },
             model: default_model(),
             setups: Setup::defaults(),
+            jobs: Job::ALL.to_vec(),
+            slice: if quick {
+                Duration::from_millis(10)
+            } else {
+                DEFAULT_SLICE
+            },
             engine_cpus,
             engine_busy_poll: cairn_engine::target::DEFAULT_BUSY_POLL,
             bench_cpus,
@@ -304,6 +347,11 @@ impl SuiteOptions {
         }
     }
 }
+
+/// Turn length of the interleaved comparisons: long next to an I/O's
+/// latency at queue depth 64 (the drain at each switch), short next to the
+/// machine's drifts.
+pub const DEFAULT_SLICE: Duration = Duration::from_millis(20);
 
 /// The suite's SSD: the data-centre NVMe preset with its IOPS scaled down
 /// so that one device, not the two-core machine's CPU, is the bottleneck
@@ -408,7 +456,8 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         opts.engine_cpus, opts.bench_cpus
     ));
 
-    let queues = u16::try_from(opts.numjobs.max(1))
+    // Two channels per job thread when a setup is compared with itself.
+    let queues = u16::try_from(opts.numjobs.max(1) * 2)
         .unwrap_or(u16::MAX)
         .max(4);
     let nodes = opts
@@ -448,10 +497,10 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
     prefill(opts, &targets, cluster.as_ref())?;
 
     let mut runs: Vec<(Setup, Job, BenchResult)> = Vec::new();
-    let total = opts.rounds as usize * Job::ALL.len() * targets.len();
+    let total = opts.rounds as usize * opts.jobs.len() * targets.len();
     let mut k = 0;
     for round in 1..=opts.rounds {
-        for job in Job::ALL {
+        for &job in &opts.jobs {
             for t in &targets {
                 k += 1;
                 let spec = job_spec(opts, t.setup, job)?;
@@ -480,6 +529,12 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         }
     }
 
+    let interleaved = if opts.slice.is_zero() {
+        Vec::new()
+    } else {
+        compare_interleaved(opts, &targets)?
+    };
+
     let idle = match &cluster {
         Some(c) => Some(measure_idle(c, &targets, opts.idle)?),
         None => None,
@@ -499,7 +554,7 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
     };
     drop(cluster.take());
 
-    let mut report = SuiteReport::build(opts, runs, idle, notes, started.elapsed());
+    let mut report = SuiteReport::build(opts, runs, interleaved, idle, notes, started.elapsed());
     if let Some(r) = rebuild {
         report.add_rebuild(r);
     }
@@ -517,6 +572,80 @@ pub fn run_suite(opts: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         fmt_dur(started.elapsed())
     ));
     Ok(report)
+}
+
+/// Runs the [`COMPARISONS`] whose setups are both open: every queue-depth-64
+/// job, `rounds` times, the two setups taking turns within each run (the
+/// first to go alternates between runs). Each setup gets as much measured
+/// time per run as a run of its own.
+fn compare_interleaved(
+    opts: &SuiteOptions,
+    targets: &[Target],
+) -> anyhow::Result<Vec<Interleaved>> {
+    let find = |s: Setup| targets.iter().find(|t| t.setup == s);
+    let pairs: Vec<(&Target, &Target)> = COMPARISONS
+        .iter()
+        .filter_map(|&(a, b)| Some((find(a)?, find(b)?)))
+        .collect();
+    let jobs: Vec<Job> = opts.jobs.iter().copied().filter(|j| !j.is_qd1()).collect();
+    let total = pairs.len() * jobs.len() * opts.rounds as usize;
+    if total > 0 {
+        say(&format!(
+            "interleaved comparisons: {} pair(s) x {} job(s) x {} round(s), turns of {}",
+            pairs.len(),
+            jobs.len(),
+            opts.rounds,
+            fmt_dur(opts.slice)
+        ));
+    }
+    let mut out = Vec::new();
+    let mut k = 0;
+    for (a, b) in pairs {
+        for &job in &jobs {
+            let mut spec = job_spec(opts, b.setup, job)?;
+            spec.name = format!("{} vs {}", b.setup, a.setup);
+            spec.runtime = opts.runtime * 2;
+            let mut c = Interleaved::new(a.setup, b.setup, job);
+            for round in 0..opts.rounds {
+                k += 1;
+                let flip = round % 2 == 1;
+                let devs = if flip {
+                    [b.dev.clone(), a.dev.clone()]
+                } else {
+                    [a.dev.clone(), b.dev.clone()]
+                };
+                let ropts = RunOptions {
+                    progress: opts.progress,
+                    watch_threads: a.tids.clone(),
+                    ..RunOptions::default()
+                };
+                let mut r = run_interleaved(&devs, &spec, opts.slice, &ropts)
+                    .with_context(|| format!("{} {}", spec.name, job.label()))?;
+                if flip {
+                    r.swap(0, 1);
+                }
+                let (ra, rb) = (&r[0], &r[1]);
+                say(&format!(
+                    "[{k:>3}/{total}] {:<16} {:<9} {:>9.0} / {:>9.0} IOPS = {:.3}x",
+                    spec.name,
+                    job.label(),
+                    rb.total.iops,
+                    ra.total.iops,
+                    rb.total.iops / ra.total.iops.max(1.0)
+                ));
+                if ra.errors + rb.errors > 0 {
+                    bail!(
+                        "{} {}: I/O errors in an interleaved run",
+                        spec.name,
+                        job.label()
+                    );
+                }
+                c.push(ra, rb);
+            }
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 /// Measures a full rebuild of node 2's replica into a one-replica nexus
