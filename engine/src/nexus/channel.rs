@@ -133,7 +133,9 @@ impl NexusChannel {
             .ok()
     }
 
-    async fn begin_write(&self, first: u64, last: u64) -> Ticket<'_> {
+    /// Counts a write in its epoch, so that a rebuild starting now waits
+    /// for it; takes no segment locks.
+    fn enter_write(&self) -> Ticket<'_> {
         let sh = &*self.sh;
         let slot = loop {
             let e = sh.epoch.load(Ordering::SeqCst);
@@ -144,16 +146,32 @@ impl NexusChannel {
             }
             sh.inflight[slot].fetch_sub(1, Ordering::SeqCst);
         };
-        let hold = if sh.rebuilding.load(Ordering::SeqCst) > 0 {
-            // Boxed, as every rare path here: see `timed`.
-            Some(Box::pin(sh.locks.write(first, last)).await)
-        } else {
-            None
-        };
         Ticket {
             sh,
             slot,
-            _hold: hold,
+            _hold: None,
+        }
+    }
+
+    async fn begin_write(&self, first: u64, last: u64) -> Ticket<'_> {
+        let mut ticket = self.enter_write();
+        if self.sh.rebuilding.load(Ordering::SeqCst) > 0 {
+            // Boxed, as every rare path here: see `timed`.
+            ticket._hold = Some(Box::pin(self.sh.locks.write(first, last)).await);
+        }
+        ticket
+    }
+
+    /// The leg of a nexus whose only child is healthy and local: most I/O
+    /// takes this path, which skips the general one's bookkeeping (no
+    /// choice of child, no fan-out, no timer).
+    fn sole_local_leg(&self) -> Option<Rc<Leg>> {
+        let legs = self.legs();
+        match legs.as_slice() {
+            [leg] if leg.child.local && leg.child.state() == ChildState::Healthy => {
+                Some(leg.clone())
+            }
+            _ => None,
         }
     }
 
@@ -437,41 +455,117 @@ impl NexusChannel {
     }
 }
 
+impl NexusChannel {
+    /// Reads until a child answers, or no healthy child is left and the
+    /// pause is over; `first` is the outcome of an attempt already made.
+    async fn read_retrying(
+        &self,
+        lba: u64,
+        mut buf: IoBuf,
+        mut first: Option<Result<(), BdevError>>,
+    ) -> BufResult {
+        let mut deadline = None;
+        loop {
+            let r = match first.take() {
+                Some(r) => r,
+                None => {
+                    let (r, b) = self.read_once(lba, buf).await;
+                    buf = b;
+                    r
+                }
+            };
+            if !self.should_wait(&r, &mut deadline) {
+                return (r, buf);
+            }
+            Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
+        }
+    }
+
+    /// [`Self::read_retrying`] for writes.
+    async fn write_retrying(
+        &self,
+        lba: u64,
+        blocks: u64,
+        mut buf: IoBuf,
+        fua: bool,
+        mut first: Option<Result<(), BdevError>>,
+    ) -> BufResult {
+        let mut deadline = None;
+        loop {
+            let r = match first.take() {
+                Some(r) => r,
+                None => {
+                    let (r, b) = self.write_once(lba, blocks, buf, fua).await;
+                    buf = b;
+                    r
+                }
+            };
+            if !self.should_wait(&r, &mut deadline) {
+                return (r, buf);
+            }
+            Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
+        }
+    }
+}
+
 impl IoChannel for NexusChannel {
     fn read(&self, lba: u64, buf: IoBuf) -> IoFuture<'_, BufResult> {
         Box::pin(async move {
-            let mut buf = buf;
             if let Err(e) = self.sh.geometry().check_buf(lba, buf.len()) {
                 return (Err(e), buf);
             }
-            let mut deadline = None;
-            loop {
-                let (r, b) = self.read_once(lba, buf).await;
-                buf = b;
-                if !self.should_wait(&r, &mut deadline) {
-                    return (r, buf);
+            let mut first = None;
+            let mut buf = buf;
+            if let Some(leg) = self.sole_local_leg() {
+                // What `read_once` does with one leg, without its layers.
+                let (r, b) = leg.ch.read(lba, buf).await;
+                match r {
+                    Err(e) if is_child_failure(&e) => {
+                        self.sh.fault_io(&leg.child, &e.to_string());
+                        first = Some(Err(e));
+                        buf = b;
+                    }
+                    r => return (r, b),
                 }
-                Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
             }
+            Box::pin(self.read_retrying(lba, buf, first)).await
         })
     }
 
     fn write(&self, lba: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, BufResult> {
         Box::pin(async move {
-            let mut buf = buf;
             let blocks = match self.sh.geometry().check_buf(lba, buf.len()) {
                 Ok(b) => b,
                 Err(e) => return (Err(e), buf),
             };
-            let mut deadline = None;
-            loop {
-                let (r, b) = self.write_once(lba, blocks, buf, fua).await;
-                buf = b;
-                if !self.should_wait(&r, &mut deadline) {
-                    return (r, buf);
+            let mut first = None;
+            let mut buf = buf;
+            // What `write_once` does with one healthy local child and no
+            // rebuild, without its layers; in the same order (the ticket
+            // first, so that a rebuild starting meanwhile waits for it).
+            let ticket = self.enter_write();
+            let fast = self.sh.rebuilding.load(Ordering::SeqCst) == 0
+                && self.sh.child_count.load(Ordering::SeqCst) == 1;
+            match fast.then(|| self.sole_local_leg()).flatten() {
+                Some(leg) => {
+                    let (result, b) = leg.ch.write(lba, buf, fua).await;
+                    buf = b;
+                    if result.is_ok() && !self.sh.health_pending() {
+                        return (result, buf);
+                    }
+                    let mut one = [Outcome {
+                        leg,
+                        healthy: true,
+                        result,
+                    }];
+                    let segments = self.sh.segments(lba, blocks);
+                    let r = Box::pin(self.settle(&mut one, Some(segments))).await;
+                    drop(ticket);
+                    first = Some(r);
                 }
-                Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
+                None => drop(ticket),
             }
+            Box::pin(self.write_retrying(lba, blocks, buf, fua, first)).await
         })
     }
 

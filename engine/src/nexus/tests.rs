@@ -109,6 +109,7 @@ fn io_futures_stay_small() {
             std::mem::size_of_val(&*write),
             std::mem::size_of_val(&*read),
         );
+        eprintln!("nexus futures: write {w} bytes, read {r} bytes");
         assert!(w <= 1024, "a nexus write future is {w} bytes");
         assert!(r <= 1024, "a nexus read future is {r} bytes");
         let ((wr, _), (rr, _)) = (write.await, read.await);
