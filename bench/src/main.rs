@@ -410,8 +410,7 @@ writes suite.md, suite.json and suite.png into DIR.
                       (default: all)
   --slice TIME        turn length when two setups are compared taking turns
                       within each run (replica vs itself and vs nexus-1,
-                      nexus-1-model vs nexus-2-model and nexus-3-model, where
-                      both ran; default 20ms; 0 skips these comparisons)
+                      where both ran; default 20ms; 0 skips them)
   --engine-cpus LIST  CPUs of every engine reactor (default 0 on 2+ CPUs)
   --engine-busy-poll TIME  how long reactors poll after network activity
                       (default 50us; 0: they sleep at once)
