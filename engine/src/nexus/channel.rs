@@ -456,46 +456,25 @@ impl NexusChannel {
 }
 
 impl NexusChannel {
-    /// Reads until a child answers, or no healthy child is left and the
-    /// pause is over; `first` is the outcome of an attempt already made.
-    async fn read_retrying(
+    /// Runs `attempt` until it succeeds, or fails for a reason other than
+    /// the children, or no healthy child is left and the pause is over;
+    /// `first` is the outcome of an attempt already made.
+    async fn retrying<F, Fut>(
         &self,
-        lba: u64,
         mut buf: IoBuf,
         mut first: Option<Result<(), BdevError>>,
-    ) -> BufResult {
+        mut attempt: F,
+    ) -> BufResult
+    where
+        F: FnMut(IoBuf) -> Fut,
+        Fut: Future<Output = BufResult>,
+    {
         let mut deadline = None;
         loop {
             let r = match first.take() {
                 Some(r) => r,
                 None => {
-                    let (r, b) = self.read_once(lba, buf).await;
-                    buf = b;
-                    r
-                }
-            };
-            if !self.should_wait(&r, &mut deadline) {
-                return (r, buf);
-            }
-            Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
-        }
-    }
-
-    /// [`Self::read_retrying`] for writes.
-    async fn write_retrying(
-        &self,
-        lba: u64,
-        blocks: u64,
-        mut buf: IoBuf,
-        fua: bool,
-        mut first: Option<Result<(), BdevError>>,
-    ) -> BufResult {
-        let mut deadline = None;
-        loop {
-            let r = match first.take() {
-                Some(r) => r,
-                None => {
-                    let (r, b) = self.write_once(lba, blocks, buf, fua).await;
+                    let (r, b) = attempt(buf).await;
                     buf = b;
                     r
                 }
@@ -528,7 +507,7 @@ impl IoChannel for NexusChannel {
                     r => return (r, b),
                 }
             }
-            Box::pin(self.read_retrying(lba, buf, first)).await
+            Box::pin(self.retrying(buf, first, |b| self.read_once(lba, b))).await
         })
     }
 
@@ -565,7 +544,7 @@ impl IoChannel for NexusChannel {
                 }
                 None => drop(ticket),
             }
-            Box::pin(self.write_retrying(lba, blocks, buf, fua, first)).await
+            Box::pin(self.retrying(buf, first, |b| self.write_once(lba, blocks, b, fua))).await
         })
     }
 
