@@ -100,13 +100,17 @@ impl Interleaved {
 
     /// The other setup's IOPS over the base's, per run.
     pub fn ratios(&self) -> Vec<f64> {
-        self.other_iops
-            .iter()
-            .zip(&self.base_iops)
-            .filter(|&(_, &b)| b > 0.0)
-            .map(|(o, b)| o / b)
-            .collect()
+        per_run_ratios(&self.other_iops, &self.base_iops)
     }
+}
+
+/// `num[i] / den[i]` for every run where `den[i]` is not zero.
+fn per_run_ratios(num: &[f64], den: &[f64]) -> Vec<f64> {
+    num.iter()
+        .zip(den)
+        .filter(|&(_, &d)| d > 0.0)
+        .map(|(n, d)| n / d)
+        .collect()
 }
 
 /// The median of `v` (none if empty).
@@ -256,13 +260,7 @@ impl SuiteReport {
     /// The median over rounds of `a`'s IOPS over `b`'s in the same round.
     fn paired_ratio(&self, a: Setup, b: Setup, job: Job) -> Option<f64> {
         let (ra, rb) = (&self.row(a, job)?.runs_iops, &self.row(b, job)?.runs_iops);
-        median(
-            ra.iter()
-                .zip(rb)
-                .filter(|&(_, &y)| y > 0.0)
-                .map(|(x, y)| x / y)
-                .collect(),
-        )
+        median(per_run_ratios(ra, rb))
     }
 
     /// `other` over `base` for `job`, and how it was measured: from the
@@ -270,8 +268,9 @@ impl SuiteReport {
     /// by round.
     fn compare(&self, base: Setup, other: Setup, job: Job) -> Option<(f64, String)> {
         if let Some(c) = self.interleaved.iter().find(|c| c.is(base, other, job)) {
-            let n = c.ratios().len();
-            return median(c.ratios()).map(|v| (v, format!("taking turns, median of {n} runs")));
+            let r = c.ratios();
+            let n = r.len();
+            return median(r).map(|v| (v, format!("taking turns, median of {n} runs")));
         }
         self.paired_ratio(other, base, job)
             .map(|v| (v, "separate runs, median of per-round ratios".to_owned()))
