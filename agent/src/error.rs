@@ -42,13 +42,7 @@ impl From<ControlError> for Status {
                 Code::FailedPrecondition
             }
             ControlError::Busy { .. } => Code::Aborted,
-            // An engine's own answer keeps its code, except that a missing
-            // engine object during a volume operation is the cluster's
-            // inconsistency, reported as unavailable so callers retry.
-            ControlError::Engine { status, .. } => match status.code() {
-                Code::NotFound => Code::Unavailable,
-                c => c,
-            },
+            ControlError::Engine { status, .. } => engine_code(status.code()),
             ControlError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             ControlError::Store(_) => Code::Internal,
         };
@@ -56,9 +50,69 @@ impl From<ControlError> for Status {
     }
 }
 
+/// What an engine's gRPC code means to the agent's callers. The engine
+/// speaks of its own objects (pools, replicas, nexuses, shares); the agent
+/// speaks of volumes and nodes, so no engine code passes through as it is:
+///
+/// | engine | agent | why |
+/// | --- | --- | --- |
+/// | UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND | UNAVAILABLE | the engine is unreachable, or its objects are not (yet) what the store says: retry |
+/// | ABORTED, CANCELLED, ALREADY_EXISTS | ABORTED | a concurrent or half-done operation on the engine: retry |
+/// | RESOURCE_EXHAUSTED | RESOURCE_EXHAUSTED | a pool is out of space |
+/// | anything else | INTERNAL | the agent asked something the engine could not do: not the caller's argument, and not a name clash |
+pub fn engine_code(code: Code) -> Code {
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded | Code::NotFound => Code::Unavailable,
+        Code::Aborted | Code::Cancelled | Code::AlreadyExists => Code::Aborted,
+        Code::ResourceExhausted => Code::ResourceExhausted,
+        Code::Ok => Code::Ok,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::Unknown
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::DataLoss => Code::Internal,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One row per engine code: the table in [`engine_code`]'s doc.
+    #[test]
+    fn engine_codes_are_mapped_not_passed_through() {
+        let rows = [
+            (Code::Unavailable, Code::Unavailable),
+            (Code::DeadlineExceeded, Code::Unavailable),
+            (Code::NotFound, Code::Unavailable),
+            (Code::Aborted, Code::Aborted),
+            (Code::Cancelled, Code::Aborted),
+            (Code::AlreadyExists, Code::Aborted),
+            (Code::ResourceExhausted, Code::ResourceExhausted),
+            (Code::InvalidArgument, Code::Internal),
+            (Code::FailedPrecondition, Code::Internal),
+            (Code::OutOfRange, Code::Internal),
+            (Code::Unimplemented, Code::Internal),
+            (Code::Internal, Code::Internal),
+            (Code::Unknown, Code::Internal),
+            (Code::PermissionDenied, Code::Internal),
+            (Code::Unauthenticated, Code::Internal),
+            (Code::DataLoss, Code::Internal),
+        ];
+        for (engine, want) in rows {
+            let s: Status = ControlError::Engine {
+                node: "n".into(),
+                status: Status::new(engine, "engine says no"),
+            }
+            .into();
+            assert_eq!(s.code(), want, "engine {engine:?}");
+            assert!(s.message().contains("engine says no"), "{}", s.message());
+        }
+    }
 
     #[test]
     fn codes() {
@@ -76,6 +130,6 @@ mod tests {
             status: Status::already_exists("x"),
         }
         .into();
-        assert_eq!(s.code(), Code::AlreadyExists);
+        assert_eq!(s.code(), Code::Aborted, "not a CSI name clash");
     }
 }

@@ -20,7 +20,7 @@ use cairn_agent::service::ControlService;
 use cairn_engine::core::Engine;
 use cairn_engine::daemon::{self, EngineConfig};
 use cairn_engine::service::EngineService;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
 /// Name of the pool the system keeps in its data directory.
 pub const POOL_NAME: &str = "pool0";
@@ -49,6 +49,9 @@ pub struct SystemConfig {
     /// the next loopback address (127.0.0.2, ...) with a pool under
     /// DATA_DIR/node-N: a local multi-node cluster for replicated volumes.
     pub replica_nodes: u8,
+    /// Advertise CSI v1.12.0's alpha capabilities too (GET_VOLUME,
+    /// VOLUME_CONDITION).
+    pub csi_alpha: bool,
 }
 
 impl SystemConfig {
@@ -66,6 +69,7 @@ impl SystemConfig {
             host_nqn: None,
             heartbeat: Duration::from_secs(5),
             replica_nodes: 0,
+            csi_alpha: false,
         }
     }
 
@@ -214,6 +218,7 @@ impl System {
             csi_socket: csi_socket.clone(),
             heartbeat: cfg.heartbeat,
             extra: extra.clone(),
+            csi_alpha: cfg.csi_alpha,
         }));
         let s = match started {
             Ok(s) => s,
@@ -300,16 +305,24 @@ impl System {
                 ))
                 .server(),
             )
-            .add_service(cairn_csi::controller::ControllerService::new(agent_client).server())
+            .add_service(
+                cairn_csi::controller::ControllerService::new(agent_client)
+                    .with_alpha_capabilities(a.csi_alpha)
+                    .server(),
+            )
             .add_service(
                 cairn_csi::node::NodeService::new(cairn_csi::node::NodeConfig {
                     node_id: a.node_id.clone(),
                     host_nqn: Some(a.host_nqn.clone()),
                     max_volumes_per_node: 0,
+                    alpha_capabilities: a.csi_alpha,
                 })
                 .server(),
             )
-            .serve_with_incoming_shutdown(UnixListenerStream::new(csi_listener), stopped(stop_rx));
+            .serve_with_incoming_shutdown(
+                cairn_csi::socket::incoming(csi_listener),
+                stopped(stop_rx),
+            );
 
         let node = NodeConfig {
             node_id: a.node_id.clone(),
@@ -492,6 +505,7 @@ struct Bind {
     csi_socket: PathBuf,
     heartbeat: Duration,
     extra: Vec<Arc<Engine>>,
+    csi_alpha: bool,
 }
 
 struct Spawned {

@@ -1,9 +1,9 @@
 //! The CSI Controller service: volumes through the agent's Control API.
 //!
 //! Checks arguments with the spec's codes, turns StorageClass parameters
-//! into a placement request, and maps the agent's answers to CSI: its codes
-//! already follow the same conventions (NOT_FOUND, ALREADY_EXISTS,
-//! RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED), so they pass through.
+//! into a placement request, and maps the agent's answers to CSI codes
+//! through one table ([`crate::edge`]): each RPC answers only with codes
+//! its CSI error table has.
 
 use std::collections::HashMap;
 
@@ -15,6 +15,7 @@ use csi::volume_capability::AccessType;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::edge::Rpc;
 use crate::node::context as publish_context;
 use crate::params::{VolumeParams, FILESYSTEMS};
 
@@ -26,11 +27,31 @@ const SIZE_ALIGN: u64 = 1 << 20;
 /// The Controller service.
 pub struct ControllerService {
     agent: apb::control_client::ControlClient<Channel>,
+    alpha: bool,
 }
 
 impl ControllerService {
+    /// A controller that speaks CSI v1.12.0's GA capabilities (and
+    /// SINGLE_NODE_MULTI_WRITER, which Kubernetes uses for
+    /// ReadWriteOncePod).
     pub fn new(agent: apb::control_client::ControlClient<Channel>) -> Self {
-        ControllerService { agent }
+        ControllerService {
+            agent,
+            alpha: false,
+        }
+    }
+
+    /// Also advertise the alpha GET_VOLUME and VOLUME_CONDITION
+    /// capabilities, and report each volume's condition in ListVolumes and
+    /// ControllerGetVolume.
+    pub fn with_alpha_capabilities(mut self, on: bool) -> Self {
+        self.alpha = on;
+        self
+    }
+
+    /// A volume's condition, when the alpha capabilities are on.
+    fn condition(&self, v: &apb::Volume) -> Option<csi::VolumeCondition> {
+        self.alpha.then(|| condition(v))
     }
 
     /// The tonic server for this service.
@@ -57,7 +78,8 @@ impl ControllerService {
                 max_entries,
                 starting_token: token,
             })
-            .await?
+            .await
+            .map_err(|s| Rpc::ListVolumes.status(s))?
             .into_inner())
     }
 }
@@ -176,35 +198,20 @@ fn csi_volume(v: &apb::Volume, context: HashMap<String, String>) -> csi::Volume 
     }
 }
 
-/// The volume's health: no entries when online, one saying why otherwise.
-fn health(v: &apb::Volume) -> csi::VolumeHealth {
-    use csi::VolumeHealthErrorType as T;
+/// The volume's condition: abnormal unless every wanted replica is healthy.
+fn condition(v: &apb::Volume) -> csi::VolumeCondition {
     let healthy = v.replicas.iter().filter(|r| r.healthy).count();
-    let kind = match v.status.as_str() {
-        "online" => None,
-        "faulted" => Some(T::Inaccessible),
-        _ => Some(T::Degraded),
-    };
-    csi::VolumeHealth {
-        volume_id: v.id.clone(),
-        health_statuses: kind
-            .map(|k| csi::volume_health::VolumeHealthEntry {
-                status: k as i32,
-                reason: v.status.clone(),
-                message: format!(
-                    "volume is {}: {healthy} of {} replica(s) healthy",
-                    v.status, v.replicas_wanted
-                ),
-            })
-            .into_iter()
-            .collect(),
+    csi::VolumeCondition {
+        abnormal: v.status != "online",
+        message: format!(
+            "volume is {}: {healthy} of {} replica(s) healthy",
+            v.status, v.replicas_wanted
+        ),
     }
 }
 
-fn status_of(v: &apb::Volume) -> csi::list_volumes_response::VolumeStatus {
-    csi::list_volumes_response::VolumeStatus {
-        published_node_ids: v.target.iter().map(|t| t.node.clone()).collect(),
-    }
+fn published_nodes(v: &apb::Volume) -> Vec<String> {
+    v.target.iter().map(|t| t.node.clone()).collect()
 }
 
 /// Splits `host:port`.
@@ -254,7 +261,8 @@ impl csi::controller_server::Controller for ControllerService {
                 thin: params.thin,
                 topology,
             })
-            .await?
+            .await
+            .map_err(|s| Rpc::CreateVolume.status(s))?
             .into_inner();
         let mut context: HashMap<String, String> = params
             .nvme
@@ -291,7 +299,7 @@ impl csi::controller_server::Controller for ControllerService {
             Err(s) if s.code() == Code::FailedPrecondition => {
                 Err(Status::failed_precondition(s.message().to_owned()))
             }
-            Err(s) => Err(s),
+            Err(s) => Err(Rpc::DeleteVolume.status(s)),
         }
     }
 
@@ -314,10 +322,12 @@ impl csi::controller_server::Controller for ControllerService {
             .get_volume(apb::GetVolumeRequest {
                 id: r.volume_id.clone(),
             })
-            .await?;
+            .await
+            .map_err(|s| Rpc::Publish.status(s))?;
         let nodes = agent
             .list_nodes(apb::ListNodesRequest {})
-            .await?
+            .await
+            .map_err(|s| Rpc::Publish.status(s))?
             .into_inner()
             .nodes;
         if !nodes.iter().any(|n| n.id == r.node_id) {
@@ -328,7 +338,8 @@ impl csi::controller_server::Controller for ControllerService {
                 id: r.volume_id,
                 node: r.node_id,
             })
-            .await?
+            .await
+            .map_err(|s| Rpc::Publish.status(s))?
             .into_inner();
         let target = vol
             .target
@@ -366,7 +377,7 @@ impl csi::controller_server::Controller for ControllerService {
             Err(s) if s.code() == Code::NotFound => {
                 Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}))
             }
-            Err(s) => Err(s),
+            Err(s) => Err(Rpc::Unpublish.status(s)),
         }
     }
 
@@ -381,7 +392,8 @@ impl csi::controller_server::Controller for ControllerService {
         }
         self.agent()
             .get_volume(apb::GetVolumeRequest { id: r.volume_id })
-            .await?;
+            .await
+            .map_err(|s| Rpc::Validate.status(s))?;
         if let Some(why) = r.volume_capabilities.iter().find_map(unsupported) {
             return Ok(Response::new(csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
@@ -417,43 +429,13 @@ impl csi::controller_server::Controller for ControllerService {
                 .iter()
                 .map(|v| csi::list_volumes_response::Entry {
                     volume: Some(csi_volume(v, HashMap::new())),
-                    status: Some(status_of(v)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: published_nodes(v),
+                        volume_condition: self.condition(v),
+                    }),
                 })
                 .collect(),
             next_token: page.next_token,
-        }))
-    }
-
-    async fn controller_list_volume_health(
-        &self,
-        req: Request<csi::ControllerListVolumeHealthRequest>,
-    ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
-        let r = req.into_inner();
-        let page = self.page(r.max_entries, r.starting_token).await?;
-        Ok(Response::new(csi::ControllerListVolumeHealthResponse {
-            entries: page
-                .volumes
-                .iter()
-                .map(health)
-                .filter(|h| !h.health_statuses.is_empty())
-                .collect(),
-            next_token: page.next_token,
-        }))
-    }
-
-    async fn controller_get_volume_health(
-        &self,
-        req: Request<csi::ControllerGetVolumeHealthRequest>,
-    ) -> Result<Response<csi::ControllerGetVolumeHealthResponse>, Status> {
-        let r = req.into_inner();
-        require("volume_id", &r.volume_id)?;
-        let v = self
-            .agent()
-            .get_volume(apb::GetVolumeRequest { id: r.volume_id })
-            .await?
-            .into_inner();
-        Ok(Response::new(csi::ControllerGetVolumeHealthResponse {
-            volume_health: Some(health(&v)),
         }))
     }
 
@@ -472,7 +454,8 @@ impl csi::controller_server::Controller for ControllerService {
         let cap = self
             .agent()
             .get_capacity(apb::GetCapacityRequest { segment })
-            .await?
+            .await
+            .map_err(|s| Rpc::GetCapacity.status(s))?
             .into_inner();
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: i64::try_from(cap.available_bytes).unwrap_or(i64::MAX),
@@ -485,18 +468,18 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         _req: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        let caps = [
+        let mut caps = vec![
             Cap::CreateDeleteVolume,
             Cap::PublishUnpublishVolume,
             Cap::ListVolumes,
             Cap::GetCapacity,
             Cap::ExpandVolume,
             Cap::ListVolumesPublishedNodes,
-            Cap::GetVolume,
             Cap::SingleNodeMultiWriter,
-            Cap::GetVolumeHealth,
-            Cap::ListVolumeHealth,
         ];
+        if self.alpha {
+            caps.extend([Cap::GetVolume, Cap::VolumeCondition]);
+        }
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: caps
                 .into_iter()
@@ -557,7 +540,8 @@ impl csi::controller_server::Controller for ControllerService {
             .get_volume(apb::GetVolumeRequest {
                 id: r.volume_id.clone(),
             })
-            .await?
+            .await
+            .map_err(|s| Rpc::Expand.status(s))?
             .into_inner();
         // Volumes never shrink: a request that would make the volume
         // smaller cannot be met (OUT_OF_RANGE); one for the current size is
@@ -579,7 +563,8 @@ impl csi::controller_server::Controller for ControllerService {
                     id: r.volume_id,
                     size_bytes: size,
                 })
-                .await?
+                .await
+                .map_err(|s| Rpc::Expand.status(s))?
                 .into_inner()
         };
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
@@ -597,13 +582,14 @@ impl csi::controller_server::Controller for ControllerService {
         let v = self
             .agent()
             .get_volume(apb::GetVolumeRequest { id: r.volume_id })
-            .await?
+            .await
+            .map_err(|s| Rpc::GetVolume.status(s))?
             .into_inner();
-        let st = status_of(&v);
         Ok(Response::new(csi::ControllerGetVolumeResponse {
             volume: Some(csi_volume(&v, HashMap::new())),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
-                published_node_ids: st.published_node_ids,
+                published_node_ids: published_nodes(&v),
+                volume_condition: self.condition(&v),
             }),
         }))
     }

@@ -5,12 +5,14 @@
 //! - [`node`]: NVMe-oF/TCP attach with nvme-cli, filesystems, mounts.
 //! - [`params`]: the StorageClass parameters.
 //!
-//! The generated CSI types are `cairn_proto::csi::v1` (spec v1.13.0).
+//! The generated CSI types are `cairn_proto::csi::v1` (spec v1.12.0).
 
 pub mod controller;
+pub mod edge;
 pub mod identity;
 pub mod node;
 pub mod params;
+pub mod socket;
 
 /// The CSI driver name Kubernetes objects refer to.
 pub const DRIVER_NAME: &str = "csi.cairn.dev";

@@ -10,7 +10,6 @@ use cairn_csi::{
     node::{host::Host, preflight, NodeConfig, NodeService},
 };
 use clap::{Parser, ValueEnum};
-use tokio_stream::wrappers::UnixListenerStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -50,6 +49,11 @@ struct Args {
     /// Seconds to wait for a connected volume's block device.
     #[arg(long, default_value_t = 30)]
     device_timeout_secs: u64,
+    /// Also advertise CSI v1.12.0's alpha capabilities (controller
+    /// GET_VOLUME and VOLUME_CONDITION, node VOLUME_CONDITION). Off by
+    /// default: the Kubernetes sidecars do not use them.
+    #[arg(long, env = "CAIRN_CSI_ALPHA")]
+    alpha_capabilities: bool,
     /// Skip the start-up check for nvme-cli and the nvme-tcp module (only
     /// for tests that never attach a volume).
     #[arg(long)]
@@ -107,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
                 node_id,
                 host_nqn: args.host_nqn.clone(),
                 max_volumes_per_node: args.max_volumes_per_node,
+                alpha_capabilities: args.alpha_capabilities,
             },
             host,
         );
@@ -120,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
             .connect_timeout(Duration::from_secs(5))
             .connect_lazy();
         let client = cairn_proto::agent::v1::control_client::ControlClient::new(agent);
-        router = router.add_service(ControllerService::new(client).server());
+        router = router.add_service(
+            ControllerService::new(client)
+                .with_alpha_capabilities(args.alpha_capabilities)
+                .server(),
+        );
     }
 
     let path = socket_path(&args.endpoint)?;
@@ -138,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", path.display()))?;
     tracing::info!(endpoint = %args.endpoint, mode = ?args.mode, "serving CSI");
     router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(cairn_csi::socket::incoming(listener), async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await

@@ -1,4 +1,4 @@
-//! Proves the generated CSI code is wire-exact against the CSI spec v1.13.0
+//! Proves the generated CSI code is wire-exact against the CSI spec v1.12.0
 //! (`proto/csi/csi.proto`): messages are encoded with the generated types and
 //! decoded again with a small hand-written protobuf reader, so every field
 //! number and wire type below comes from the spec text, not from prost.
@@ -180,7 +180,7 @@ fn topology(pairs: &[(&str, &str)]) -> csi::Topology {
 #[test]
 fn access_mode_enum_values_match_the_spec() {
     use csi::volume_capability::access_mode::Mode;
-    // VolumeCapability.AccessMode.Mode in csi.proto v1.13.0.
+    // VolumeCapability.AccessMode.Mode in csi.proto v1.12.0.
     assert_eq!(Mode::Unknown as i32, 0);
     assert_eq!(Mode::SingleNodeWriter as i32, 1);
     assert_eq!(Mode::SingleNodeReaderOnly as i32, 2);
@@ -207,12 +207,20 @@ fn capability_enum_values_match_the_spec() {
     assert_eq!(NodeCap::StageUnstageVolume as i32, 1);
     assert_eq!(NodeCap::GetVolumeStats as i32, 2);
     assert_eq!(NodeCap::ExpandVolume as i32, 3);
-    // 4 (VOLUME_CONDITION) is reserved in v1.13.0.
-    assert_eq!(NodeCap::try_from(4).ok(), None);
+    // 4 (VOLUME_CONDITION) is alpha in v1.12.0; v1.12.0 has no 7.
+    assert_eq!(NodeCap::VolumeCondition as i32, 4);
     assert_eq!(NodeCap::SingleNodeMultiWriter as i32, 5);
     assert_eq!(NodeCap::VolumeMountGroup as i32, 6);
-    assert_eq!(NodeCap::GetVolumeHealth as i32, 7);
-    assert_eq!(csi::VolumeHealthErrorType::Inaccessible as i32, 2);
+    assert_eq!(NodeCap::try_from(7).ok(), None);
+    use csi::controller_service_capability::rpc::Type as CtlCap;
+    assert_eq!(CtlCap::ListVolumesPublishedNodes as i32, 10);
+    assert_eq!(CtlCap::VolumeCondition as i32, 11);
+    assert_eq!(CtlCap::GetVolume as i32, 12);
+    assert_eq!(CtlCap::SingleNodeMultiWriter as i32, 13);
+    assert_eq!(CtlCap::ModifyVolume as i32, 14);
+    assert_eq!(CtlCap::GetSnapshot as i32, 15);
+    // 16 and 17 (the health RPCs' capabilities) are not in v1.12.0.
+    assert_eq!(CtlCap::try_from(16).ok(), None);
     assert_eq!(csi::volume_usage::Unit::Bytes as i32, 1);
     assert_eq!(csi::volume_usage::Unit::Inodes as i32, 2);
 }
@@ -409,6 +417,10 @@ fn node_publish_and_stats_requests_are_wire_exact() {
             used: 20,
             unit: csi::volume_usage::Unit::Bytes as i32,
         }],
+        volume_condition: Some(csi::VolumeCondition {
+            abnormal: true,
+            message: "gone".into(),
+        }),
     };
     let buf = stats.encode_to_vec();
     let usage = bytes(one(&buf, 1, LEN));
@@ -416,6 +428,10 @@ fn node_publish_and_stats_requests_are_wire_exact() {
     assert_eq!(varint(one(&usage, 2, VARINT)), 30);
     assert_eq!(varint(one(&usage, 3, VARINT)), 20);
     assert_eq!(varint(one(&usage, 4, VARINT)), 1);
+    // volume_condition = 2 (alpha in v1.12.0): abnormal = 1, message = 2.
+    let cond = bytes(one(&buf, 2, LEN));
+    assert_eq!(varint(one(&cond, 1, VARINT)), 1);
+    assert_eq!(string(one(&cond, 2, LEN)), "gone");
 }
 
 #[test]
@@ -573,9 +589,6 @@ async fn client_method_paths_match_the_spec() {
         .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
         .await;
     let _ = node.node_get_info(csi::NodeGetInfoRequest {}).await;
-    let _ = node
-        .node_get_volume_health(csi::NodeGetVolumeHealthRequest::default())
-        .await;
 
     let paths = rec.0.lock().unwrap().clone();
     assert_eq!(
@@ -598,7 +611,6 @@ async fn client_method_paths_match_the_spec() {
             "/csi.v1.Node/NodeExpandVolume",
             "/csi.v1.Node/NodeGetCapabilities",
             "/csi.v1.Node/NodeGetInfo",
-            "/csi.v1.Node/NodeGetVolumeHealth",
         ]
     );
 }

@@ -3,7 +3,8 @@
 //! services) runs in this process on a temporary data directory and
 //! ephemeral ports, and every check talks CSI gRPC over its Unix socket as
 //! a container orchestrator would. Error codes are those of the CSI spec
-//! (v1.13.0) error tables; each test states the rule it checks.
+//! (v1.12.0, what the Kubernetes sidecars and the upstream csi-sanity are
+//! built against) error tables; each test states the rule it checks.
 //!
 //! Node-service checks here need no kernel (argument checks, info,
 //! capabilities); `vm_csi.rs` runs the node service against a real kernel.
@@ -56,10 +57,19 @@ where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    with_config(|cfg| cfg.replica_nodes = replica_nodes, body)
+}
+
+/// Like [`with_system`], with the system's configuration adjusted by `tune`.
+fn with_config<F, Fut>(tune: impl FnOnce(&mut SystemConfig), body: F) -> Result<()>
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
     let dir = tempfile::tempdir().context("tempdir")?;
     let mut cfg = SystemConfig::ephemeral(dir.path().to_path_buf());
     cfg.pool_size = 1 << 30;
-    cfg.replica_nodes = replica_nodes;
+    tune(&mut cfg);
     cfg.node_id = Some(NODE.into());
     cfg.host_nqn = Some(format!(
         "nqn.2014-08.org.nvmexpress:uuid:{}",
@@ -315,7 +325,86 @@ fn identity_info_capabilities_probe() -> Result<()> {
 /// belongs to it answers with something other than UNIMPLEMENTED.
 #[test]
 fn every_advertised_capability_is_implemented() -> Result<()> {
+    with_system(every_capability_answers)
+}
+
+#[test]
+fn every_advertised_alpha_capability_is_implemented() -> Result<()> {
+    with_config(|cfg| cfg.csi_alpha = true, every_capability_answers)
+}
+
+/// Rule: only capabilities CSI v1.12.0 defines are advertised (csi-sanity
+/// fails on any other value), and its alpha ones only when asked for.
+#[test]
+fn advertised_capabilities_are_csi_v1_12_ga_unless_alpha_is_asked_for() -> Result<()> {
+    use csi::controller_service_capability::rpc::Type as C;
+    use csi::node_service_capability::rpc::Type as N;
+    let ga_controller: BTreeSet<i32> = [
+        C::CreateDeleteVolume,
+        C::PublishUnpublishVolume,
+        C::ListVolumes,
+        C::GetCapacity,
+        C::ExpandVolume,
+        C::ListVolumesPublishedNodes,
+        C::SingleNodeMultiWriter,
+    ]
+    .into_iter()
+    .map(|c| c as i32)
+    .collect();
+    let ga_node: BTreeSet<i32> = [
+        N::StageUnstageVolume,
+        N::GetVolumeStats,
+        N::ExpandVolume,
+        N::SingleNodeMultiWriter,
+    ]
+    .into_iter()
+    .map(|c| c as i32)
+    .collect();
+    let (c_ga, n_ga) = (ga_controller.clone(), ga_node.clone());
     with_system(|ctx| async move {
+        ensure!(controller_caps(&ctx).await? == c_ga, "controller");
+        ensure!(node_caps(&ctx).await? == n_ga, "node");
+        Ok(())
+    })?;
+    with_config(
+        |cfg| cfg.csi_alpha = true,
+        |ctx| async move {
+            let mut c = ga_controller;
+            c.extend([C::GetVolume as i32, C::VolumeCondition as i32]);
+            let mut n = ga_node;
+            n.insert(N::VolumeCondition as i32);
+            ensure!(controller_caps(&ctx).await? == c, "controller, alpha");
+            ensure!(node_caps(&ctx).await? == n, "node, alpha");
+            // With VOLUME_CONDITION, ListVolumes and ControllerGetVolume
+            // report each volume's condition.
+            let vol = create(&ctx, create_request("cond-vol", 16 * MIB, &[])).await?;
+            let got = get_volume(&ctx, &vol.volume_id).await?;
+            let cond = got
+                .status
+                .and_then(|s| s.volume_condition)
+                .context("no volume condition")?;
+            ensure!(!cond.abnormal, "a new volume is normal: {cond:?}");
+            let list = ctx
+                .csi
+                .controller
+                .clone()
+                .list_volumes(csi::ListVolumesRequest::default())
+                .await?
+                .into_inner();
+            ensure!(
+                list.entries.iter().all(|e| e
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.volume_condition.is_some())),
+                "ListVolumes entries without a condition"
+            );
+            delete(&ctx, &vol.volume_id).await
+        },
+    )
+}
+
+async fn every_capability_answers(ctx: Ctx) -> Result<()> {
+    {
         use csi::controller_service_capability::rpc::Type as C;
         use csi::node_service_capability::rpc::Type as N;
         let mut ctl = ctx.csi.controller.clone();
@@ -363,19 +452,22 @@ fn every_advertised_capability_is_implemented() -> Result<()> {
                     })
                     .await,
                 ),
-                C::GetVolumeHealth => code(
-                    &ctl.controller_get_volume_health(csi::ControllerGetVolumeHealthRequest {
-                        volume_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await,
-                ),
-                C::ListVolumeHealth => code(
-                    &ctl.controller_list_volume_health(
-                        csi::ControllerListVolumeHealthRequest::default(),
-                    )
-                    .await,
-                ),
+                C::VolumeCondition => {
+                    let r = ctl
+                        .controller_get_volume(csi::ControllerGetVolumeRequest {
+                            volume_id: id.clone(),
+                        })
+                        .await;
+                    if let Ok(v) = &r {
+                        let cond = v
+                            .get_ref()
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.volume_condition.clone());
+                        ensure!(cond.is_some(), "VOLUME_CONDITION without a condition");
+                    }
+                    code(&r)
+                }
                 C::SingleNodeMultiWriter => code(
                     &ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
                         volume_id: id.clone(),
@@ -453,24 +545,20 @@ fn every_advertised_capability_is_implemented() -> Result<()> {
                     ),
                     vec![Code::NotFound],
                 ),
-                N::GetVolumeHealth => {
-                    let r = node
-                        .node_get_volume_health(csi::NodeGetVolumeHealthRequest {
-                            volume_id: id.clone(),
-                            ..Default::default()
-                        })
-                        .await;
-                    if let Ok(h) = &r {
-                        let h = h.get_ref().volume_health.clone().unwrap_or_default();
-                        ensure!(
-                            h.health_statuses.iter().any(
-                                |s| s.status == csi::VolumeHealthErrorType::Inaccessible as i32
-                            ),
-                            "a volume not attached here must be INACCESSIBLE: {h:?}"
-                        );
-                    }
-                    (code(&r), vec![Code::Ok])
-                }
+                // The condition comes with the stats, which need the volume
+                // published at the path.
+                N::VolumeCondition => (
+                    code(
+                        &node
+                            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                                volume_id: id.clone(),
+                                volume_path: target.display().to_string(),
+                                staging_target_path: String::new(),
+                            })
+                            .await,
+                    ),
+                    vec![Code::NotFound],
+                ),
                 N::SingleNodeMultiWriter => (
                     code(
                         &node
@@ -497,7 +585,7 @@ fn every_advertised_capability_is_implemented() -> Result<()> {
             );
         }
         delete(&ctx, &id).await
-    })
+    }
 }
 
 // ---- CreateVolume ------------------------------------------------------
@@ -904,7 +992,7 @@ fn validate_volume_capabilities() -> Result<()> {
     })
 }
 
-// ---- ListVolumes, health -----------------------------------------------
+// ---- ListVolumes, GetVolume -----------------------------------------------
 
 #[test]
 fn list_volumes_paginates() -> Result<()> {
@@ -978,65 +1066,25 @@ fn list_volumes_paginates() -> Result<()> {
             Code::InvalidArgument,
         )?;
 
-        // Health: healthy volumes have no abnormal entries.
-        let h = ctl
-            .controller_list_volume_health(csi::ControllerListVolumeHealthRequest {
-                max_entries: 2,
-                starting_token: String::new(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        // Without the alpha capabilities, no volume condition is reported.
         ensure!(
-            h.entries.iter().all(|e| e.health_statuses.is_empty()),
-            "healthy volumes reported abnormal: {h:?}"
+            all.entries.iter().all(|e| e
+                .status
+                .as_ref()
+                .is_some_and(|s| s.volume_condition.is_none())),
+            "a volume condition without VOLUME_CONDITION"
         );
         expect_code(
-            "list health, negative max_entries",
-            ctl.controller_list_volume_health(csi::ControllerListVolumeHealthRequest {
-                max_entries: -1,
-                starting_token: String::new(),
-                ..Default::default()
-            })
-            .await,
-            Code::InvalidArgument,
-        )?;
-        expect_code(
-            "list health, bad token",
-            ctl.controller_list_volume_health(csi::ControllerListVolumeHealthRequest {
-                max_entries: 1,
-                starting_token: "no-such-token".into(),
-                ..Default::default()
-            })
-            .await,
-            Code::Aborted,
-        )?;
-        for id in &ids {
-            let h = ctl
-                .controller_get_volume_health(csi::ControllerGetVolumeHealthRequest {
-                    volume_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let vh = h.volume_health.context("no volume_health")?;
-            ensure!(
-                vh.volume_id == *id && vh.health_statuses.is_empty(),
-                "{vh:?}"
-            );
-        }
-        expect_code(
-            "health of an unknown volume",
-            ctl.controller_get_volume_health(csi::ControllerGetVolumeHealthRequest {
+            "get an unknown volume",
+            ctl.controller_get_volume(csi::ControllerGetVolumeRequest {
                 volume_id: unknown_id(),
-                ..Default::default()
             })
             .await,
             Code::NotFound,
         )?;
         expect_code(
-            "health without volume id",
-            ctl.controller_get_volume_health(csi::ControllerGetVolumeHealthRequest::default())
+            "get without volume id",
+            ctl.controller_get_volume(csi::ControllerGetVolumeRequest::default())
                 .await,
             Code::InvalidArgument,
         )?;
@@ -1716,5 +1764,101 @@ fn publish_to_a_second_node_is_failed_precondition() -> Result<()> {
             .await
             .context("unpublish from the second node")?;
         delete(&ctx, &v.volume_id).await
+    })
+}
+
+// ---- Node requests in the upstream suite's own shapes -------------------
+
+/// Rules: every argument is checked before the volume is looked up, and a
+/// path that does not hold the volume is NOT_FOUND whatever its form. The
+/// requests are those csi-sanity sends: generated volume ids that are not
+/// UUIDs (`fake-vol-id-…`), the relative path `some/path`, and a publish
+/// context of its own (`device`).
+#[test]
+fn node_requests_in_the_upstream_suites_shapes() -> Result<()> {
+    with_system(|ctx| async move {
+        let mut node = ctx.csi.node.clone();
+        let fake = format!(
+            "fake-vol-id-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let staging = ctx.dir.join("staging").display().to_string();
+        let target = ctx.dir.join("target").display().to_string();
+        let device = params(&[("device", "/dev/mock")]);
+        expect_code(
+            "NodeStageVolume without a staging path",
+            node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: fake.clone(),
+                volume_capability: Some(ext4_rwo()),
+                publish_context: device.clone(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        )?;
+        expect_code(
+            "NodePublishVolume without a target path",
+            node.node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: fake.clone(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        )?;
+        expect_code(
+            "NodePublishVolume without a capability",
+            node.node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: fake.clone(),
+                target_path: format!("{target}/target"),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        )?;
+        expect_code(
+            "NodeGetVolumeStats of an unknown volume",
+            node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: fake.clone(),
+                volume_path: "some/path".into(),
+                staging_target_path: String::new(),
+            })
+            .await,
+            Code::NotFound,
+        )?;
+        expect_code(
+            "NodeExpandVolume of an unknown volume",
+            node.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: fake.clone(),
+                volume_path: "some/path".into(),
+                ..Default::default()
+            })
+            .await,
+            Code::NotFound,
+        )?;
+        // A volume that exists, at a path that does not hold it.
+        let vol = create(&ctx, create_request("where-vol", 16 * MIB, &[])).await?;
+        for path in ["some/path".to_owned(), staging.clone(), target] {
+            expect_code(
+                &format!("NodeGetVolumeStats at {path}"),
+                node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: vol.volume_id.clone(),
+                    volume_path: path.clone(),
+                    staging_target_path: String::new(),
+                })
+                .await,
+                Code::NotFound,
+            )?;
+        }
+        expect_code(
+            "NodeExpandVolume without a path",
+            node.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_capability: Some(ext4_rwo()),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        )?;
+        delete(&ctx, &vol.volume_id).await
     })
 }

@@ -208,7 +208,7 @@ mounted() { findmnt -rn --mountpoint "$1" >/dev/null; }
 
 modprobe nvme-tcp
 "$CAIRN_CSI" --mode node --endpoint unix:///run/csi.sock --node-id "$NODE" \
-    --host-nqn "$HOSTNQN" --device-timeout-secs 30 >"$SHARE/csi.log" 2>&1 &
+    --host-nqn "$HOSTNQN" --device-timeout-secs 30 --alpha-capabilities >"$SHARE/csi.log" 2>&1 &
 K wait || die "node plugin did not become ready"
 K info
 pass plugin-ready
@@ -280,7 +280,7 @@ used=$(sed -n 's/^bytes total=[0-9]* used=\([0-9]*\) .*/\1/p' <<<"$out")
 grep -q '^inodes total=' <<<"$out" || die "no inode usage"
 df_total=$(df -B1 --output=size "$A" | tail -n1 | tr -d ' ')
 [ "$df_total" = "$total" ] || die "stats total $total != df $df_total"
-K health --volume "$FS_VOL" | grep -qx healthy || die "attached volume not healthy"
+K health --volume "$FS_VOL" --path "$A" | grep -qx healthy || die "attached volume not healthy"
 pass fs-stats
 "#;
 

@@ -47,6 +47,10 @@ struct Args {
     /// addresses (127.0.0.2, ...), for volumes with several replicas.
     #[arg(long, default_value_t = 0)]
     replica_nodes: u8,
+    /// Also advertise CSI v1.12.0's alpha capabilities (controller
+    /// GET_VOLUME and VOLUME_CONDITION, node VOLUME_CONDITION).
+    #[arg(long)]
+    csi_alpha_capabilities: bool,
 }
 
 fn main() {
@@ -89,6 +93,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         node_id: args.node_id,
         host_nqn: args.host_nqn,
         replica_nodes: args.replica_nodes,
+        csi_alpha: args.csi_alpha_capabilities,
         ..SystemConfig::new(data_dir)
     })?;
     if let Err(e) = cairn_csi::node::preflight::check_host() {

@@ -475,11 +475,20 @@ impl Host {
     /// Size of the block device node at `path` (e.g. a published block
     /// volume), or `None` if `path` is not a block device.
     pub fn block_size_at(&self, path: &Path) -> Result<Option<u64>, NodeError> {
-        let md = fs::metadata(path).map_err(|e| NodeError::io("stat", path, e))?;
-        if !md.file_type().is_block_device() {
-            return Ok(None);
+        match self.block_dev_at(path)? {
+            Some(dev_t) => self.device_size(&dev_t).map(Some),
+            None => Ok(None),
         }
-        self.device_size(&dev_t_string(md.rdev())).map(Some)
+    }
+
+    /// `major:minor` of the block device node at `path`, or `None` if
+    /// `path` is not a block device.
+    pub fn block_dev_at(&self, path: &Path) -> Result<Option<String>, NodeError> {
+        let md = fs::metadata(path).map_err(|e| NodeError::io("stat", path, e))?;
+        Ok(md
+            .file_type()
+            .is_block_device()
+            .then(|| dev_t_string(md.rdev())))
     }
 }
 

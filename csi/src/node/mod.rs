@@ -7,10 +7,10 @@
 //! the host work ([`host`]) on a blocking thread. Errors are [`NodeError`]
 //! values, turned into gRPC statuses in one place.
 //!
-//! Capabilities: STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME,
-//! SINGLE_NODE_MULTI_WRITER and GET_VOLUME_HEALTH. (CSI v1.13.0 removed
-//! VOLUME_CONDITION; a vanished device is reported by NodeGetVolumeHealth as
-//! INACCESSIBLE instead.)
+//! Capabilities: STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME and
+//! SINGLE_NODE_MULTI_WRITER; with [`NodeConfig::alpha_capabilities`], also
+//! the alpha VOLUME_CONDITION: NodeGetVolumeStats then reports a vanished
+//! device or a subsystem with no live path as abnormal.
 
 pub mod context;
 pub mod error;
@@ -44,6 +44,9 @@ pub struct NodeConfig {
     pub host_nqn: Option<String>,
     /// Volumes the CO may publish here (0 = no limit).
     pub max_volumes_per_node: i64,
+    /// Also advertise (and serve) the CSI v1.12.0 alpha capability
+    /// VOLUME_CONDITION. Off by default: the sidecars in use do not need it.
+    pub alpha_capabilities: bool,
 }
 
 /// The Node service.
@@ -228,7 +231,12 @@ fn unpublish_blocking(host: &Host, target: &Path) -> Result<(), NodeError> {
     remove_target(target)
 }
 
-fn stats_blocking(host: &Host, path: &Path) -> Result<Vec<csi::VolumeUsage>, NodeError> {
+fn stats_blocking(
+    host: &Host,
+    uuid: Uuid,
+    path: &Path,
+    with_condition: bool,
+) -> Result<csi::NodeGetVolumeStatsResponse, NodeError> {
     use csi::volume_usage::Unit;
     if !path.exists() {
         return Err(NodeError::NotFound(format!(
@@ -236,62 +244,87 @@ fn stats_blocking(host: &Host, path: &Path) -> Result<Vec<csi::VolumeUsage>, Nod
             path.display()
         )));
     }
+    let dev = host.find_device(&uuid).ok_or_else(|| {
+        NodeError::NotFound(format!("volume {uuid} is not attached to this node"))
+    })?;
+    let volume_condition = with_condition.then(|| volume_condition(host, uuid));
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    if let Some(size) = host.block_size_at(path)? {
-        return Ok(vec![csi::VolumeUsage {
-            available: 0,
-            total: to_i64(size),
-            used: 0,
-            unit: Unit::Bytes as i32,
-        }]);
+    if let Some(dev_t) = host.block_dev_at(path)? {
+        if dev_t != dev.dev_t {
+            return Err(NodeError::NotFound(format!(
+                "{} is another block device, not volume {uuid}",
+                path.display()
+            )));
+        }
+        let size = host.device_size(&dev_t)?;
+        return Ok(csi::NodeGetVolumeStatsResponse {
+            usage: vec![csi::VolumeUsage {
+                available: 0,
+                total: to_i64(size),
+                used: 0,
+                unit: Unit::Bytes as i32,
+            }],
+            volume_condition,
+        });
     }
-    if host.mounts_at(path)?.is_empty() {
-        return Err(NodeError::NotFound(format!(
-            "no volume is mounted at {}",
-            path.display()
-        )));
+    match host.mounts_at(path)?.last() {
+        None => {
+            return Err(NodeError::NotFound(format!(
+                "no volume is mounted at {}",
+                path.display()
+            )))
+        }
+        Some(m) if m.dev_t != dev.dev_t => {
+            return Err(NodeError::NotFound(format!(
+                "{} holds {} (device {}), not volume {uuid}",
+                path.display(),
+                m.source,
+                m.dev_t
+            )))
+        }
+        Some(_) => {}
     }
     let s = host.statvfs(path)?;
-    Ok(vec![
-        csi::VolumeUsage {
-            available: to_i64(s.available_bytes),
-            total: to_i64(s.total_bytes),
-            used: to_i64(s.used_bytes),
-            unit: Unit::Bytes as i32,
-        },
-        csi::VolumeUsage {
-            available: to_i64(s.free_inodes),
-            total: to_i64(s.total_inodes),
-            used: to_i64(s.used_inodes),
-            unit: Unit::Inodes as i32,
-        },
-    ])
+    Ok(csi::NodeGetVolumeStatsResponse {
+        usage: vec![
+            csi::VolumeUsage {
+                available: to_i64(s.available_bytes),
+                total: to_i64(s.total_bytes),
+                used: to_i64(s.used_bytes),
+                unit: Unit::Bytes as i32,
+            },
+            csi::VolumeUsage {
+                available: to_i64(s.free_inodes),
+                total: to_i64(s.total_inodes),
+                used: to_i64(s.used_inodes),
+                unit: Unit::Inodes as i32,
+            },
+        ],
+        volume_condition,
+    })
 }
 
-fn health_blocking(host: &Host, uuid: Uuid) -> csi::VolumeHealth {
-    use csi::volume_health::VolumeHealthEntry;
+/// The volume's condition on this node: abnormal when its block device is
+/// gone or none of its NVMe controllers is live.
+fn volume_condition(host: &Host, uuid: Uuid) -> csi::VolumeCondition {
     let nqn = context::volume_nqn(&uuid.to_string());
-    let mut statuses = Vec::new();
     if host.find_device(&uuid).is_none() {
-        statuses.push(VolumeHealthEntry {
-            status: csi::VolumeHealthErrorType::Inaccessible as i32,
-            reason: "DeviceGone".into(),
+        return csi::VolumeCondition {
+            abnormal: true,
             message: format!("no block device with namespace uuid {uuid} on this node"),
-        });
-    } else {
-        let ctrls = host.controllers(&nqn);
-        if !ctrls.is_empty() && !ctrls.iter().any(|(_, state)| state == "live") {
-            let states: Vec<String> = ctrls.iter().map(|(c, s)| format!("{c}={s}")).collect();
-            statuses.push(VolumeHealthEntry {
-                status: csi::VolumeHealthErrorType::Inaccessible as i32,
-                reason: "NoLivePath".into(),
-                message: format!("no live NVMe controller for {nqn}: {}", states.join(", ")),
-            });
-        }
+        };
     }
-    csi::VolumeHealth {
-        volume_id: uuid.to_string(),
-        health_statuses: statuses,
+    let ctrls = host.controllers(&nqn);
+    if !ctrls.is_empty() && !ctrls.iter().any(|(_, state)| state == "live") {
+        let states: Vec<String> = ctrls.iter().map(|(c, s)| format!("{c}={s}")).collect();
+        return csi::VolumeCondition {
+            abnormal: true,
+            message: format!("no live NVMe controller for {nqn}: {}", states.join(", ")),
+        };
+    }
+    csi::VolumeCondition {
+        abnormal: false,
+        message: "attached, with a live NVMe controller".into(),
     }
 }
 
@@ -398,37 +431,15 @@ impl csi::node_server::Node for NodeService {
         req: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
-        let (_id, path) = validate::id_and_path(&r.volume_id, "volume_path", &r.volume_path)?;
+        let (uuid, path) = validate::volume_at_path(&r.volume_id, &r.volume_path)?;
+        let with_condition = self.cfg.alpha_capabilities;
         // Read-only: no volume claim, so stats never block stage/publish.
         let host = Arc::clone(&self.host);
-        let usage = tokio::task::spawn_blocking(move || stats_blocking(&host, &path))
-            .await
-            .map_err(|e| NodeError::Worker(e.to_string()))??;
-        Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage }))
-    }
-
-    async fn node_get_volume_health(
-        &self,
-        req: Request<csi::NodeGetVolumeHealthRequest>,
-    ) -> Result<Response<csi::NodeGetVolumeHealthResponse>, Status> {
-        let r = req.into_inner();
-        let uuid = validate::volume_uuid(&r.volume_id)?;
-        let host = Arc::clone(&self.host);
-        let health = tokio::task::spawn_blocking(move || health_blocking(&host, uuid))
-            .await
-            .map_err(|e| NodeError::Worker(e.to_string()))?;
-        Ok(Response::new(csi::NodeGetVolumeHealthResponse {
-            volume_health: Some(health),
-        }))
-    }
-
-    async fn node_get_storage_health(
-        &self,
-        _req: Request<csi::NodeGetStorageHealthRequest>,
-    ) -> Result<Response<csi::NodeGetStorageHealthResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeGetStorageHealth is not supported (GET_STORAGE_HEALTH is not advertised)",
-        ))
+        let resp =
+            tokio::task::spawn_blocking(move || stats_blocking(&host, uuid, &path, with_condition))
+                .await
+                .map_err(|e| NodeError::Worker(e.to_string()))??;
+        Ok(Response::new(resp))
     }
 
     async fn node_expand_volume(
@@ -436,8 +447,10 @@ impl csi::node_server::Node for NodeService {
         req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
-        let (id, path) = validate::id_and_path(&r.volume_id, "volume_path", &r.volume_path)?;
-        let uuid = validate::volume_uuid(&id)?;
+        validate::required_id(&r.volume_id)?;
+        if r.volume_path.is_empty() {
+            return Err(NodeError::Missing("volume_path").into());
+        }
         let required = validate::expand_range(r.capacity_range.as_ref())?;
         let block = match r.volume_capability.as_ref() {
             None => None,
@@ -446,6 +459,8 @@ impl csi::node_server::Node for NodeService {
                 Access::Block
             )),
         };
+        let (uuid, path) = validate::volume_at_path(&r.volume_id, &r.volume_path)?;
+        let id = r.volume_id;
         tracing::info!(volume = %id, path = %path.display(), ?required, "NodeExpandVolume");
         let capacity_bytes = self
             .exclusive(&id, move |h, _| {
@@ -461,20 +476,23 @@ impl csi::node_server::Node for NodeService {
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        let capabilities = [
+        let mut caps = vec![
             Cap::StageUnstageVolume,
             Cap::GetVolumeStats,
             Cap::ExpandVolume,
             Cap::SingleNodeMultiWriter,
-            Cap::GetVolumeHealth,
-        ]
-        .into_iter()
-        .map(|t| csi::NodeServiceCapability {
-            r#type: Some(csi::node_service_capability::Type::Rpc(
-                csi::node_service_capability::Rpc { r#type: t as i32 },
-            )),
-        })
-        .collect();
+        ];
+        if self.cfg.alpha_capabilities {
+            caps.push(Cap::VolumeCondition);
+        }
+        let capabilities = caps
+            .into_iter()
+            .map(|t| csi::NodeServiceCapability {
+                r#type: Some(csi::node_service_capability::Type::Rpc(
+                    csi::node_service_capability::Rpc { r#type: t as i32 },
+                )),
+            })
+            .collect();
         Ok(Response::new(csi::NodeGetCapabilitiesResponse {
             capabilities,
         }))

@@ -22,6 +22,11 @@ struct Fixture {
 impl Fixture {
     /// U1 is attached as nvme1n1 (1 GiB, 259:1); U2 has no device.
     fn new() -> Self {
+        Self::with_alpha(false)
+    }
+
+    /// Like [`Fixture::new`], with the alpha capabilities on or off.
+    fn with_alpha(alpha_capabilities: bool) -> Self {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         let d = root.join("sys/block/nvme1n1");
@@ -46,6 +51,7 @@ impl Fixture {
                 node_id: "node-a".into(),
                 host_nqn: Some("nqn.2014-08.org.nvmexpress:uuid:node-a".into()),
                 max_volumes_per_node: 128,
+                alpha_capabilities,
             },
             host,
         );
@@ -346,62 +352,84 @@ async fn stats_report_bytes_and_inodes_of_a_mounted_volume() {
 }
 
 #[tokio::test]
-async fn health_reports_a_vanished_device_as_inaccessible() {
+async fn stats_answer_not_found_for_a_path_that_does_not_hold_the_volume() {
     let f = Fixture::new();
-    let health = |id: &str| csi::NodeGetVolumeHealthRequest {
-        volume_id: id.into(),
-        volume_publish_path: String::new(),
+    let vol = f.path("pod/vol");
+    fs::create_dir_all(&vol).unwrap();
+    let stats = |id: &str, p: &str| {
+        let svc = f.svc.clone();
+        let r = csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: p.into(),
+            staging_target_path: String::new(),
+        };
+        async move {
+            match svc.node_get_volume_stats(Request::new(r)).await {
+                Ok(_) => Code::Ok,
+                Err(s) => s.code(),
+            }
+        }
+    };
+    let at = vol.to_string_lossy().into_owned();
+    // Another device is mounted there.
+    f.set_mounts(&[mount_line("8:1", &vol, "rw")]);
+    assert_eq!(stats(U1, &at).await, Code::NotFound, "another filesystem");
+    f.set_mounts(&[mount_line("259:1", &vol, "rw")]);
+    assert_eq!(stats(U1, &at).await, Code::Ok);
+    // A path of any form that does not hold the volume.
+    assert_eq!(stats(U1, "some/path").await, Code::NotFound, "relative");
+    // A volume id that names no volume, or one not attached here.
+    assert_eq!(stats("fake-vol-id-1", "some/path").await, Code::NotFound);
+    assert_eq!(stats("fake-vol-id-1", &at).await, Code::NotFound);
+    assert_eq!(stats(U2, &at).await, Code::NotFound, "not attached here");
+    // Missing fields stay INVALID_ARGUMENT, whatever else is wrong.
+    assert_eq!(stats("", "some/path").await, Code::InvalidArgument);
+    assert_eq!(stats("fake-vol-id-1", "").await, Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn volume_condition_is_reported_only_with_the_alpha_capabilities() {
+    let req = |f: &Fixture| csi::NodeGetVolumeStatsRequest {
+        volume_id: U1.into(),
+        volume_path: f.path("pod/vol").to_string_lossy().into_owned(),
         staging_target_path: String::new(),
     };
-    let h = f
+    let setup = |f: &Fixture| {
+        fs::create_dir_all(f.path("pod/vol")).unwrap();
+        f.set_mounts(&[mount_line("259:1", &f.path("pod/vol"), "rw")]);
+    };
+    let plain = Fixture::new();
+    setup(&plain);
+    let r = plain
         .svc
-        .node_get_volume_health(Request::new(health(U1)))
+        .node_get_volume_stats(Request::new(req(&plain)))
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        h.volume_health.unwrap().health_statuses.is_empty(),
-        "attached, no controller info"
-    );
+    assert_eq!(r.volume_condition, None);
 
-    let h = f
-        .svc
-        .node_get_volume_health(Request::new(health(U2)))
-        .await
-        .unwrap()
-        .into_inner();
-    let st = h.volume_health.unwrap().health_statuses;
-    assert_eq!(st.len(), 1);
-    assert_eq!(
-        st[0].status,
-        csi::VolumeHealthErrorType::Inaccessible as i32
-    );
-    assert_eq!(st[0].reason, "DeviceGone");
-
+    let f = Fixture::with_alpha(true);
+    setup(&f);
+    let condition = || async {
+        f.svc
+            .node_get_volume_stats(Request::new(req(&f)))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume_condition
+            .expect("a condition")
+    };
+    assert!(!condition().await.abnormal, "attached, no controller info");
     f.set_controller("nvme1", U1, "connecting");
-    let h = f
-        .svc
-        .node_get_volume_health(Request::new(health(U1)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        h.volume_health.unwrap().health_statuses[0].reason,
-        "NoLivePath"
+    let c = condition().await;
+    assert!(c.abnormal);
+    assert!(
+        c.message.contains("no live NVMe controller"),
+        "{}",
+        c.message
     );
     f.set_controller("nvme1", U1, "live");
-    let h = f
-        .svc
-        .node_get_volume_health(Request::new(health(U1)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(h.volume_health.unwrap().health_statuses.is_empty());
-
-    assert_eq!(
-        code(f.svc.node_get_volume_health(Request::new(health(""))).await),
-        Code::InvalidArgument
-    );
+    assert!(!condition().await.abnormal);
 }
 
 fn expand_req(f: &Fixture, id: &str, bytes: i64) -> csi::NodeExpandVolumeRequest {
@@ -436,6 +464,19 @@ async fn expand_of_a_block_volume_reports_the_device_size() {
         ),
         Code::NotFound,
         "not attached here"
+    );
+    let mut r = expand_req(&f, "fake-vol-id-1", 1 << 30);
+    r.volume_path = "some/path".into();
+    assert_eq!(
+        code(f.svc.node_expand_volume(Request::new(r)).await),
+        Code::NotFound,
+        "an unknown volume, whatever the path's form"
+    );
+    let mut r = expand_req(&f, "fake-vol-id-1", 1 << 30);
+    r.volume_path.clear();
+    assert_eq!(
+        code(f.svc.node_expand_volume(Request::new(r)).await),
+        Code::InvalidArgument
     );
     let mut r = expand_req(&f, U1, 1 << 30);
     r.volume_path = f.path("missing").to_string_lossy().into_owned();
@@ -494,11 +535,9 @@ async fn same_volume_calls_abort_while_other_volumes_proceed() {
         .expect("U1 free again");
 }
 
-#[tokio::test]
-async fn capabilities_and_info() {
-    let f = Fixture::new();
-    let caps: Vec<i32> = f
-        .svc
+/// The node capabilities a service advertises.
+async fn node_caps(f: &Fixture) -> Vec<i32> {
+    f.svc
         .node_get_capabilities(Request::new(csi::NodeGetCapabilitiesRequest {}))
         .await
         .unwrap()
@@ -509,17 +548,22 @@ async fn capabilities_and_info() {
             c.r#type
                 .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
         })
-        .collect();
-    assert_eq!(
-        caps,
-        [
-            Cap::StageUnstageVolume as i32,
-            Cap::GetVolumeStats as i32,
-            Cap::ExpandVolume as i32,
-            Cap::SingleNodeMultiWriter as i32,
-            Cap::GetVolumeHealth as i32,
-        ]
-    );
+        .collect()
+}
+
+#[tokio::test]
+async fn capabilities_and_info() {
+    let f = Fixture::new();
+    let ga = [
+        Cap::StageUnstageVolume as i32,
+        Cap::GetVolumeStats as i32,
+        Cap::ExpandVolume as i32,
+        Cap::SingleNodeMultiWriter as i32,
+    ];
+    assert_eq!(node_caps(&f).await, ga, "no alpha capability by default");
+    let mut with_alpha = ga.to_vec();
+    with_alpha.push(Cap::VolumeCondition as i32);
+    assert_eq!(node_caps(&Fixture::with_alpha(true)).await, with_alpha);
     let info = f
         .svc
         .node_get_info(Request::new(csi::NodeGetInfoRequest {}))

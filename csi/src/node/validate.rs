@@ -67,12 +67,20 @@ pub struct Capability {
     pub read_only_mode: bool,
 }
 
-/// The volume id as a namespace UUID. A volume id that is not a UUID cannot
-/// name a Cairn volume, so it is NOT_FOUND.
-pub fn volume_uuid(volume_id: &str) -> Result<Uuid, NodeError> {
+/// A REQUIRED volume id: present.
+pub fn required_id(volume_id: &str) -> Result<(), NodeError> {
     if volume_id.is_empty() {
         return Err(NodeError::Missing("volume_id"));
     }
+    Ok(())
+}
+
+/// The volume id as a namespace UUID. A volume id that is not a UUID cannot
+/// name a Cairn volume, so it is NOT_FOUND. Callers check every other
+/// argument first: a malformed request is INVALID_ARGUMENT whatever volume
+/// it names.
+pub fn volume_uuid(volume_id: &str) -> Result<Uuid, NodeError> {
+    required_id(volume_id)?;
     Uuid::parse_str(volume_id)
         .map_err(|_| NodeError::NotFound(format!("volume {volume_id:?} does not exist")))
 }
@@ -180,13 +188,14 @@ pub struct Stage {
 
 /// Checks a NodeStageVolume request.
 pub fn stage(r: &csi::NodeStageVolumeRequest) -> Result<Stage, NodeError> {
-    let uuid = volume_uuid(&r.volume_id)?;
+    required_id(&r.volume_id)?;
     let staging_path = required_path("staging_target_path", &r.staging_target_path)?;
     let capability = capability(
         r.volume_capability.as_ref(),
         context_fs(&r.publish_context, &r.volume_context),
     )?;
     let connect = context::ConnectParams::from_context(&r.publish_context)?;
+    let uuid = volume_uuid(&r.volume_id)?;
     Ok(Stage {
         uuid,
         staging_path,
@@ -213,8 +222,12 @@ pub struct Publish {
 /// Checks a NodePublishVolume request. The staging path is REQUIRED because
 /// this plugin has STAGE_UNSTAGE_VOLUME.
 pub fn publish(r: &csi::NodePublishVolumeRequest) -> Result<Publish, NodeError> {
-    let uuid = volume_uuid(&r.volume_id)?;
+    required_id(&r.volume_id)?;
     let target_path = required_path("target_path", &r.target_path)?;
+    let capability = capability(
+        r.volume_capability.as_ref(),
+        context_fs(&r.publish_context, &r.volume_context),
+    )?;
     // This plugin stages (STAGE_UNSTAGE_VOLUME), so a publish without a
     // staging path is out of order: FAILED_PRECONDITION per the spec.
     if r.staging_target_path.is_empty() {
@@ -223,10 +236,7 @@ pub fn publish(r: &csi::NodePublishVolumeRequest) -> Result<Publish, NodeError> 
         ));
     }
     let staging_path = required_path("staging_target_path", &r.staging_target_path)?;
-    let capability = capability(
-        r.volume_capability.as_ref(),
-        context_fs(&r.publish_context, &r.volume_context),
-    )?;
+    let uuid = volume_uuid(&r.volume_id)?;
     let readonly = r.readonly || capability.read_only_mode;
     Ok(Publish {
         uuid,
@@ -247,6 +257,25 @@ pub fn id_and_path(
         return Err(NodeError::Missing("volume_id"));
     }
     Ok((volume_id.to_owned(), required_path(field, path)?))
+}
+
+/// Volume id and the path that should hold the volume (stats, expand).
+/// Missing fields are INVALID_ARGUMENT; a volume id that names no volume,
+/// and a path that cannot hold one (relative, say), are NOT_FOUND: the
+/// volume is not at that path, whatever the path's form.
+pub fn volume_at_path(volume_id: &str, path: &str) -> Result<(Uuid, PathBuf), NodeError> {
+    required_id(volume_id)?;
+    if path.is_empty() {
+        return Err(NodeError::Missing("volume_path"));
+    }
+    let uuid = volume_uuid(volume_id)?;
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(NodeError::NotFound(format!(
+            "volume {volume_id} is not published at {path:?}"
+        )));
+    }
+    Ok((uuid, p.to_path_buf()))
 }
 
 /// The requested size of a NodeExpandVolume, if any.
@@ -366,6 +395,62 @@ mod tests {
         let mut r = stage_req();
         r.staging_target_path = "relative/path".into();
         assert_eq!(code(stage(&r)), Code::InvalidArgument);
+    }
+
+    /// Every argument is checked before the volume is looked up: a
+    /// malformed request is INVALID_ARGUMENT even when its volume id names
+    /// no volume (csi-sanity sends generated ids like these).
+    #[test]
+    fn argument_errors_come_before_the_volume_lookup() {
+        let unknown = "fake-vol-id-0123456789";
+        let mut r = stage_req();
+        r.volume_id = unknown.into();
+        r.staging_target_path.clear();
+        assert_eq!(code(stage(&r)), Code::InvalidArgument, "no staging path");
+        let mut r = stage_req();
+        r.volume_id = unknown.into();
+        r.volume_capability = None;
+        assert_eq!(code(stage(&r)), Code::InvalidArgument, "no capability");
+
+        let mut r = publish_req();
+        r.volume_id = unknown.into();
+        r.target_path.clear();
+        r.staging_target_path.clear();
+        r.volume_capability = None;
+        assert_eq!(code(publish(&r)), Code::InvalidArgument, "no target path");
+        let mut r = publish_req();
+        r.volume_id = unknown.into();
+        r.staging_target_path.clear();
+        r.volume_capability = None;
+        assert_eq!(code(publish(&r)), Code::InvalidArgument, "no capability");
+        // Complete but for the staging path: out of order, then unknown.
+        let mut r = publish_req();
+        r.volume_id = unknown.into();
+        r.staging_target_path.clear();
+        assert_eq!(code(publish(&r)), Code::FailedPrecondition);
+        let mut r = publish_req();
+        r.volume_id = unknown.into();
+        assert_eq!(code(publish(&r)), Code::NotFound);
+    }
+
+    #[test]
+    fn a_volume_at_a_path_that_cannot_hold_it_is_not_found() {
+        assert_eq!(
+            code(volume_at_path("fake-vol-id-1", "some/path")),
+            Code::NotFound
+        );
+        assert_eq!(code(volume_at_path(VOL, "some/path")), Code::NotFound);
+        assert_eq!(code(volume_at_path("", "some/path")), Code::InvalidArgument);
+        assert_eq!(code(volume_at_path(VOL, "")), Code::InvalidArgument);
+        assert_eq!(
+            code(volume_at_path("fake-vol-id-1", "")),
+            Code::InvalidArgument
+        );
+        let (u, p) = volume_at_path(VOL, "/pods/v").expect("valid");
+        assert_eq!(
+            (u.to_string().as_str(), p.as_path()),
+            (VOL, Path::new("/pods/v"))
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!   unstage   --volume ID --staging DIR
 //!   stats     --volume ID --path PATH     prints `bytes total=.. used=.. available=..`
 //!   expand    --volume ID --path PATH [--bytes N] [--block]
-//!   health    --volume ID
+//!   health    --volume ID --path P  (the alpha volume condition)
 //! ```
 //!
 //! Exits 0 on success; on a gRPC error prints `error CODE: message` and
@@ -199,20 +199,20 @@ async fn run(o: Opts) -> Result<(), tonic::Status> {
             println!("capacity_bytes={}", r.capacity_bytes);
         }
         "health" => {
+            // The alpha VOLUME_CONDITION, reported with the stats.
             let r = c
                 .node
-                .node_get_volume_health(csi::NodeGetVolumeHealthRequest {
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
                     volume_id: o.volume.clone(),
-                    ..Default::default()
+                    volume_path: o.path.clone(),
+                    staging_target_path: String::new(),
                 })
                 .await?
                 .into_inner();
-            let h = r.volume_health.unwrap_or_default();
-            if h.health_statuses.is_empty() {
-                println!("healthy");
-            }
-            for s in h.health_statuses {
-                println!("abnormal {} {}: {}", s.status, s.reason, s.message);
+            match r.volume_condition {
+                Some(c) if !c.abnormal => println!("healthy"),
+                Some(c) => println!("abnormal: {}", c.message),
+                None => println!("no condition reported"),
             }
         }
         other => {
