@@ -3,7 +3,8 @@
 # machine (run as root). Idempotent and quick when everything is present.
 #
 #   etcd-server   the etcd state-store tests start a real etcd
-#   python3-venv  the manifest checks run kubernetes-validate in a venv
+#   python3-venv  the manifest checks run kubernetes-validate in a venv, and
+#                 the Python CSI client test grpcio (sanity-tests/python)
 #   (VM harness)  sanity-tests/vm/install-deps.sh: what the QEMU harness
 #                 needs on the host; QEMU and the guest come from its cache
 set -euo pipefail
@@ -31,4 +32,6 @@ fi
 if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     systemctl stop etcd || true
 fi
+# grpcio for the Python CSI client test (a virtualenv in the cache).
+sanity-tests/python/setup.sh >/dev/null
 echo "install-deps.sh: all test dependencies are present" >&2
