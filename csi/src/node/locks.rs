@@ -32,6 +32,16 @@ impl VolumeLocks {
             volume_id: volume_id.to_owned(),
         })
     }
+
+    /// Whether an operation on `volume_id` is in flight (for tests that
+    /// must act while one is).
+    #[cfg(test)]
+    pub fn is_held(&self, volume_id: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(volume_id)
+    }
 }
 
 impl Drop for VolumeGuard {

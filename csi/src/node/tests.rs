@@ -502,7 +502,14 @@ async fn same_volume_calls_abort_while_other_volumes_proceed() {
     // claim for the device timeout.
     let slow_req = expand_req(&f, U1, 2 << 30);
     let slow = tokio::spawn(async move { svc.node_expand_volume(Request::new(slow_req)).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Act once the slow call holds the claim (observed, not slept for).
+    while !f.svc.locks.is_held(U1) {
+        assert!(
+            !slow.is_finished(),
+            "the slow call ended before claiming U1"
+        );
+        tokio::task::yield_now().await;
+    }
 
     let err = f
         .svc
