@@ -5,7 +5,10 @@
 //! child, the one with the fewest reads outstanding on this channel (local
 //! children first on a tie). A child that fails an I/O (or, for a remote
 //! child, does not answer within the I/O timeout) is faulted and leaves the
-//! I/O path; the I/O completes from the others. The last healthy child is
+//! I/O path; the I/O completes from the others. So is a child that fails a
+//! write another healthy child took, whatever the error (no space on an
+//! over-committed pool too): a child that serves reads holds every
+//! acknowledged write, with no exception per block. The last healthy child is
 //! never faulted by an I/O error (it holds every acknowledged write): I/O it
 //! fails is retried for up to a bounded pause before the error reaches the
 //! host, so that a filesystem does not go read-only on a blip.
