@@ -700,3 +700,57 @@ fn a_child_that_refuses_a_write_is_no_longer_read() {
         assert!(nexus.children()[1].stale_bytes(64 << 10) > 0);
     });
 }
+
+/// A rebuild leaves a thin replica thin: what the source never wrote is
+/// not written to the new child, and the children still read alike.
+#[test]
+fn a_rebuilt_thin_replica_allocates_only_what_was_written() {
+    let blocks = (64u64 << 20) / 512; // 64 MiB
+    let a = RamDevice::new(512, blocks);
+    let b = RamDevice::new(512, blocks);
+    let nexus = Arc::new(small_nexus(
+        blocks * 512,
+        vec![("replica:///a".into(), Arc::new(a.clone()))],
+    ));
+    block_on(async {
+        let ch = nexus.open_channel().unwrap();
+        // 4 MiB written, in 64 KiB pieces spread over the volume.
+        let piece = 64 << 10;
+        for i in 0..64u64 {
+            let lba = i * (blocks / 64);
+            let (r, _) = ch
+                .write(lba, IoBuf::from_slice(&vec![(i as u8) | 1; piece]), false)
+                .await;
+            r.unwrap();
+        }
+        nexus
+            .add_child("replica:///b", Arc::new(b.clone()))
+            .unwrap();
+        rebuild::run(nexus.clone(), "replica:///b".into())
+            .await
+            .unwrap();
+        let (src, dst) = (a.allocated_bytes(), b.allocated_bytes());
+        eprintln!(
+            "thin rebuild: source allocates {src} bytes, the rebuilt child {dst} of {}",
+            blocks * 512
+        );
+        assert_eq!(src, 4 << 20);
+        assert!(
+            dst <= src + (src / 10),
+            "the rebuilt child allocates {dst} bytes"
+        );
+        assert!(contents(&a).await == contents(&b).await, "children differ");
+        // A resync over a region the source has since deallocated leaves
+        // zeroes there, not the child's old data.
+        nexus.fault_child("replica:///b").unwrap();
+        ch.deallocate(0, 128).await.unwrap();
+        assert!(nexus.online_child("replica:///b", None).unwrap());
+        rebuild::run(nexus.clone(), "replica:///b".into())
+            .await
+            .unwrap();
+        let (r, got) = b.open_channel().unwrap().read(0, IoBuf::zeroed(BS)).await;
+        r.unwrap();
+        assert!(got.iter().all(|&x| x == 0), "the resync left stale data");
+        assert!(contents(&a).await == contents(&b).await, "children differ");
+    });
+}
