@@ -415,6 +415,7 @@ impl Control {
                     target: None,
                     topology,
                     rebuild_nexus: None,
+                    nexus_instance: String::new(),
                     phase_since: now_secs(),
                     requisite: req.requisite.clone(),
                     preferred: req.preferred.clone(),
@@ -638,6 +639,10 @@ impl Control {
             }
             self.save(vol).await?;
         }
+        // The instance is named before the nexus exists: from now on only
+        // its health records are stored (a nexus elsewhere is fenced off).
+        vol.nexus_instance = uuid::Uuid::new_v4().to_string();
+        self.save(vol).await?;
         let mut engine = self.engine(node)?;
         let nexus = engine
             .create_nexus(pb::CreateNexusRequest {
@@ -645,10 +650,16 @@ impl Control {
                 size_bytes: vol.size_bytes,
                 children,
                 allowed_hosts,
+                instance: vol.nexus_instance.clone(),
             })
             .await
             .map_err(engine_err(&node.id))?
             .into_inner();
+        if !nexus.instance.is_empty() && nexus.instance != vol.nexus_instance {
+            // The engine had the nexus already: that one stays current.
+            vol.nexus_instance = nexus.instance.clone();
+            self.save(vol).await?;
+        }
         Ok(nexus)
     }
 

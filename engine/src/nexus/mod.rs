@@ -451,9 +451,24 @@ impl Nexus {
     }
 
     /// Assembles nexus `uuid` of `size_bytes` over `children` (uri,
-    /// device), all healthy; `recorder` keeps its healthy set.
+    /// device), all healthy; `recorder` keeps its healthy set. The
+    /// instance id is a new random one.
     pub fn with_options(
         uuid: Uuid,
+        size_bytes: u64,
+        children: Vec<(String, Arc<dyn BlockDevice>)>,
+        cfg: NexusConfig,
+        recorder: Option<Arc<dyn HealthRecorder>>,
+    ) -> Result<Self, NexusError> {
+        Self::with_instance(uuid, Uuid::new_v4(), size_bytes, children, cfg, recorder)
+    }
+
+    /// [`Nexus::with_options`] as instance `instance`: the id its health
+    /// records carry, which the store accepts only while the volume names
+    /// it as current.
+    pub fn with_instance(
+        uuid: Uuid,
+        instance: Uuid,
         size_bytes: u64,
         children: Vec<(String, Arc<dyn BlockDevice>)>,
         cfg: NexusConfig,
@@ -481,7 +496,7 @@ impl Nexus {
             .collect();
         let shared = Arc::new(Shared {
             uuid,
-            instance: Uuid::new_v4(),
+            instance,
             cfg,
             block_size: bs,
             num_blocks: AtomicU64::new(size_bytes / u64::from(bs)),
@@ -506,6 +521,11 @@ impl Nexus {
     /// The volume id.
     pub fn uuid(&self) -> Uuid {
         self.shared.uuid
+    }
+
+    /// This nexus instance.
+    pub fn instance(&self) -> Uuid {
+        self.shared.instance
     }
 
     /// The tunables.
