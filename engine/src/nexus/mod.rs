@@ -25,6 +25,14 @@
 //! rebuild). The map lives in memory: after the nexus restarts, a child that
 //! was away is added again and copied whole.
 //!
+//! **Incarnation.** A child that comes back is compared with the one that
+//! left by its device's incarnation (a replica's is a random id of its
+//! pool's opening, new at every import; a remote one reports it as its
+//! namespace's EUI64). If its engine or pool restarted meanwhile, it may
+//! have lost writes it completed but had not made durable, which the stale
+//! map cannot name: it is copied whole (a thin one stays thin, see
+//! [`rebuild`]). Nothing is logged on the write path for it.
+//!
 //! **Rebuild.** A rebuilding child receives every new write and is filled in
 //! the background (see [`rebuild`]) from a healthy child, segment by
 //! segment, with bounded concurrency and an optional rate limit. A segment
@@ -188,6 +196,9 @@ impl Progress {
 pub struct Child {
     uri: String,
     device: Arc<dyn BlockDevice>,
+    /// The device's incarnation when it joined (see
+    /// [`BlockDevice::incarnation`]).
+    incarnation: Option<u64>,
     local: bool,
     state: AtomicU8,
     /// Segments where this child may lack acknowledged writes.
@@ -207,6 +218,7 @@ impl Child {
         Child {
             local: !uri.starts_with("nvmf://"),
             uri,
+            incarnation: device.incarnation(),
             device,
             state: AtomicU8::new(state as u8),
             stale: Arc::new(Mutex::new(stale)),
@@ -639,11 +651,22 @@ impl Nexus {
         let device = device.unwrap_or_else(|| old.device.clone());
         let size = sh.num_blocks.load(Ordering::Acquire) * u64::from(sh.block_size);
         check_child(uri, device.as_ref(), sh.block_size, size)?;
-        let stale_segments = old.stale.lock().expect("poisoned").count();
         let segments = size.div_ceil(sh.cfg.segment_bytes);
+        let incarnation = device.incarnation();
+        if incarnation != old.incarnation {
+            // Its pool was opened again since it left (an engine restart,
+            // a power loss): it may have lost writes it completed before
+            // it left, which no stale map names. It is copied whole.
+            tracing::warn!(nexus = %sh.uuid, child = uri, before = ?old.incarnation, now = ?incarnation, "child restarted while away; resyncing it whole");
+            if segments > 0 {
+                old.mark_stale(0, segments - 1);
+            }
+        }
+        let stale_segments = old.stale.lock().expect("poisoned").count();
         let child = Child {
             local: old.local,
             uri: uri.into(),
+            incarnation,
             device,
             state: AtomicU8::new(ChildState::Rebuilding as u8),
             stale: old.stale.clone(),
