@@ -373,6 +373,40 @@ mod tests {
         assert_eq!(h.healthy, vec![A.to_owned(), B.to_owned()]);
     }
 
+    /// The clean-shutdown flag is what decides whether a nexus built again
+    /// may trust its children to agree.
+    #[test]
+    fn after_an_unclean_end_one_child_is_the_source_and_the_others_are_copied() {
+        use crate::control::after_unclean_end;
+        let remote = "nvmf://127.0.0.2:8420/nqn.2024-01.dev.cairn:replica:b".to_owned();
+        let local = "replica:///a".to_owned();
+        let two = vec![remote.clone(), local.clone()];
+        let rec = |clean| NexusHealth {
+            volume_id: "v1".into(),
+            instance: "i1".into(),
+            generation: 3,
+            healthy: vec![A.into(), B.into()],
+            clean_shutdown: clean,
+            updated: 0,
+        };
+        // Clean, or no record yet: every child starts healthy.
+        assert_eq!(after_unclean_end(two.clone(), None), (two.clone(), vec![]));
+        assert_eq!(
+            after_unclean_end(two.clone(), Some(&rec(true))),
+            (two.clone(), vec![])
+        );
+        // Unclean: the local child is the source, the remote one is copied.
+        assert_eq!(
+            after_unclean_end(two, Some(&rec(false))),
+            (vec![local.clone()], vec![remote])
+        );
+        // One child has nothing to agree with.
+        assert_eq!(
+            after_unclean_end(vec![local.clone()], Some(&rec(false))),
+            (vec![local], vec![])
+        );
+    }
+
     #[tokio::test]
     async fn bad_reports_are_refused_and_unknown_volumes_ignored() {
         let (_d, c) = with_volume().await;
