@@ -1279,7 +1279,16 @@ async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
         .unwrap()
         .uuid
         .clone();
-    // An earlier nexus recorded that only n3's replica holds every write.
+    // An earlier nexus, which the volume named as current, recorded that
+    // only n3's replica holds every write.
+    {
+        use cairn_agent::model::{decode, encode, Record, VolumeSpec};
+        let key = VolumeSpec::key_of(&v.id);
+        let got = c.observer.store().get(&key).await.unwrap().unwrap();
+        let mut spec: VolumeSpec = decode(&key, &got.value).unwrap();
+        spec.nexus_instance = "an-earlier-nexus".into();
+        c.observer.store().put(&key, &encode(&spec)).await.unwrap();
+    }
     api.record_nexus_health(apb::RecordNexusHealthRequest {
         volume_id: v.id.clone(),
         healthy_children: vec![format!("replica:///{kept}")],
