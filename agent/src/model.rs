@@ -190,6 +190,11 @@ pub struct VolumeSpec {
     /// created, so a crash mid-way is cleaned up).
     #[serde(default)]
     pub rebuild_nexus: Option<String>,
+    /// The nexus instance that serves or rebuilds this volume now (named
+    /// before the nexus is created). Only its health records are stored: a
+    /// nexus left running on a partitioned node is fenced off.
+    #[serde(default)]
+    pub nexus_instance: String,
     /// Unix seconds of the last change of phase (0: unknown). A volume left
     /// `Creating` or `Deleting` for long is finished by the reconciler.
     #[serde(default)]
@@ -305,6 +310,7 @@ mod tests {
             target: None,
             topology: BTreeMap::new(),
             rebuild_nexus: None,
+            nexus_instance: String::new(),
             phase_since: 0,
             requisite: vec![],
             preferred: vec![],

@@ -347,8 +347,16 @@ impl ControlApi for ControlService {
                     | crate::error::ControlError::Busy { .. } => Status::unavailable(e.to_string()),
                     e => Status::from(e),
                 })?;
-        if outcome == HealthOutcome::Stale {
-            tracing::debug!("stale nexus health report ignored");
+        match outcome {
+            HealthOutcome::Stale => tracing::debug!("stale nexus health report ignored"),
+            // The reporting nexus is not the volume's current one: it must
+            // not acknowledge the writes it wanted to record this for.
+            HealthOutcome::Fenced => {
+                return Err(Status::failed_precondition(
+                    "the volume names another nexus instance as current",
+                ))
+            }
+            HealthOutcome::Recorded | HealthOutcome::UnknownVolume => {}
         }
         Ok(Response::new(pb::RecordNexusHealthResponse {}))
     }

@@ -90,6 +90,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn refresh(&self) -> Result<(), BdevError> {
         Ok(())
     }
+
+    /// An id that changes whenever the device may have lost writes it
+    /// completed (its pool was opened again: an engine restart, a power
+    /// loss); `None` for a device that keeps none. A mirror compares it
+    /// when a child comes back.
+    fn incarnation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The I/O path of a device on one thread. Offsets are in logical blocks; the

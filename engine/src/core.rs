@@ -452,7 +452,24 @@ impl Engine {
         children: &[String],
         allowed: Vec<String>,
     ) -> Result<(), EngineError> {
+        self.create_nexus_as(uuid, "", size_bytes, children, allowed)
+    }
+
+    /// [`Engine::create_nexus`] as nexus instance `instance` (empty: a new
+    /// random one). A nexus that exists keeps its own instance.
+    pub fn create_nexus_as(
+        &self,
+        uuid: &str,
+        instance: &str,
+        size_bytes: u64,
+        children: &[String],
+        allowed: Vec<String>,
+    ) -> Result<(), EngineError> {
         let uuid = parse_uuid("nexus", uuid)?;
+        let instance = match instance {
+            "" => Uuid::new_v4(),
+            i => parse_uuid("nexus instance", i)?,
+        };
         if let Some(n) = self.nexuses.lock().expect("poisoned").get(&uuid) {
             if n.size_bytes != size_bytes {
                 return Err(EngineError::AlreadyExists {
@@ -469,8 +486,9 @@ impl Engine {
         for uri in children {
             devices.push((uri.clone(), self.open_child(uri)?));
         }
-        let nexus = Arc::new(Nexus::with_options(
+        let nexus = Arc::new(Nexus::with_instance(
             uuid,
+            instance,
             size_bytes,
             devices,
             self.nexus_cfg.clone(),

@@ -175,6 +175,7 @@ fn nexus_pb(engine: &Engine, uuid: &str) -> Result<pb::Nexus, EngineError> {
                 nqn: n.nqn.clone(),
                 address: addr.clone(),
                 allowed_hosts: n.allowed_hosts.clone(),
+                instance: n.nexus.instance().to_string(),
             }
         })
         .into_iter()
@@ -349,7 +350,13 @@ impl EngineApi for EngineService {
         let r = r.into_inner();
         let out = self
             .run(move |e| {
-                e.create_nexus(&r.uuid, r.size_bytes, &r.children, r.allowed_hosts)?;
+                e.create_nexus_as(
+                    &r.uuid,
+                    &r.instance,
+                    r.size_bytes,
+                    &r.children,
+                    r.allowed_hosts,
+                )?;
                 nexus_pb(e, &r.uuid.to_lowercase())
             })
             .await?;

@@ -316,13 +316,30 @@ fn nexus_survives_losing_a_remote_replica_and_its_own_engine() {
     assert_eq!(rec.healthy, vec![uri_a.clone()], "{rec:?}");
     assert_eq!(rec.nexus, vol);
 
-    // It comes back; only what was written meanwhile is copied, while
-    // the host keeps writing.
+    // It comes back, while the host keeps writing. Its engine restarted
+    // (its pool was imported again, a new incarnation, which the nexus
+    // learns from the namespace's EUI64): the stale map cannot vouch for
+    // writes it may have lost, so it is copied whole.
     let b = start_engine(addr_b, &pool_b, "b");
     share(&b);
     a.online_child(&vol.to_string(), &uri_b).unwrap();
     let copied = wait_state(&a, &uri_b, ChildState::Healthy);
     writer.wait_for(200);
+    let (model, failed) = writer.stop();
+    assert_eq!(failed, 0, "the host saw write errors");
+    assert_eq!(copied, VOLUME, "a restarted replica is copied whole");
+    verify(&client, &host, model.clone());
+    assert_identical(&client, replica(&a, &ra), replica(&b, &rb));
+
+    // It leaves again without restarting (its share is cut off and given
+    // back): only what was written meanwhile is copied.
+    let writer = Writer::start(&client, &host, 3, model.clone());
+    writer.wait_for(100);
+    a.fault_child(&vol.to_string(), &uri_b).unwrap();
+    writer.wait_for(300);
+    a.online_child(&vol.to_string(), &uri_b).unwrap();
+    let copied = wait_state(&a, &uri_b, ChildState::Healthy);
+    writer.wait_for(100);
     let (model, failed) = writer.stop();
     assert_eq!(failed, 0, "the host saw write errors");
     assert!(copied > 0, "nothing was resynced");

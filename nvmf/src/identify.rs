@@ -151,6 +151,9 @@ pub struct NamespaceIdentity {
     pub uuid: [u8; 16],
     pub dealloc_reads_zeroes: bool,
     pub write_protected: bool,
+    /// Reported as the EUI64 (0: none): the device's incarnation, which
+    /// changes whenever it may have lost completed writes.
+    pub eui64: u64,
 }
 
 /// Builds the identify namespace data structure.
@@ -166,6 +169,7 @@ pub fn identify_namespace(n: &NamespaceIdentity) -> [u8; IDENTIFY_LEN] {
     b[30] = 0x01; // nmic: may be shared by several controllers
     b[99] = u8::from(n.write_protected); // nsattr
     b[104..120].copy_from_slice(&n.uuid); // nguid
+    b[120..128].copy_from_slice(&n.eui64.to_be_bytes()); // eui64
     let lbads = n.block_size.trailing_zeros();
     put32(&mut b, 128, lbads << 16);
     b
@@ -400,8 +404,10 @@ mod tests {
             uuid: [1; 16],
             dealloc_reads_zeroes: true,
             write_protected: false,
+            eui64: 0x0102_0304_0506_0708,
         });
         assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 10);
+        assert_eq!(b[120..128], [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(b[130], 12);
         assert_eq!(b[33], 0x09);
     }

@@ -312,6 +312,10 @@ impl Replica {
 }
 
 impl BlockDevice for Replica {
+    fn incarnation(&self) -> Option<u64> {
+        Some(self.shared.opening)
+    }
+
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
             block_size: BLOCK_SIZE,

@@ -43,6 +43,11 @@ pub(crate) struct Shared {
     pub quiescing: AtomicU64,
     /// Metadata blocks written since import (group headers, records).
     pub md_writes: AtomicU64,
+    /// A random id of this opening of the pool, new at every creation and
+    /// import: replicas report it as their incarnation, so that a mirror
+    /// sees that a replica it had may have lost completed writes (its
+    /// engine or pool restarted) and copies it whole.
+    pub opening: u64,
 }
 
 impl Shared {
@@ -70,6 +75,8 @@ impl Shared {
             notify: Notify::default(),
             quiescing: AtomicU64::new(0),
             md_writes: AtomicU64::new(0),
+            // Never 0, which the wire uses for "none".
+            opening: Uuid::new_v4().as_u64_pair().0 | 1,
         })
     }
 

@@ -8,11 +8,18 @@
 //! generation; a lower generation from the same instance is stale and
 //! ignored. Writes use compare-and-put, so two concurrent records never
 //! interleave.
+//!
+//! **Fencing.** A record is stored only if it comes from the nexus instance
+//! the volume record names as current, and the volume record is compared
+//! in the same transaction as the write: a nexus still running on a
+//! partitioned old node, whose volume has a new nexus elsewhere, can no
+//! longer retire the new nexus's replicas. Its writes then fail (it cannot
+//! record a smaller healthy set), which is what a fenced nexus must do.
 
 use std::collections::HashSet;
 
 use crate::error::ControlError;
-use crate::model::{replica_of_child_uri, NexusHealth, VolumeSpec};
+use crate::model::{encode, replica_of_child_uri, NexusHealth, Record, VolumeSpec};
 
 use super::{now_secs, Control};
 
@@ -39,6 +46,9 @@ pub enum HealthOutcome {
     Stale,
     /// No such volume: nothing to record.
     UnknownVolume,
+    /// The volume names another nexus instance as current: the report's
+    /// nexus is fenced off and nothing was recorded.
+    Fenced,
 }
 
 impl Control {
@@ -74,9 +84,6 @@ impl Control {
         }
         healthy.sort();
         healthy.dedup();
-        if self.load::<VolumeSpec>(&report.volume_id).await?.is_none() {
-            return Ok(HealthOutcome::UnknownVolume);
-        }
         let rec = NexusHealth {
             volume_id: report.volume_id.clone(),
             instance: report.instance.clone(),
@@ -87,6 +94,18 @@ impl Control {
         };
         let mut recorded = false;
         for _ in 0..CAS_ATTEMPTS {
+            let Some((vol, vol_version)) = self.load::<VolumeSpec>(&report.volume_id).await? else {
+                return Ok(HealthOutcome::UnknownVolume);
+            };
+            if vol.nexus_instance != report.instance {
+                tracing::warn!(
+                    volume = %report.volume_id,
+                    instance = %report.instance,
+                    current = %vol.nexus_instance,
+                    "health record from a nexus instance that is not the volume's current one refused"
+                );
+                return Ok(HealthOutcome::Fenced);
+            }
             let version = match self.load::<NexusHealth>(&report.volume_id).await? {
                 Some((old, _))
                     if old.instance == report.instance && report.generation < old.generation =>
@@ -96,7 +115,21 @@ impl Control {
                 Some((_, v)) => v,
                 None => 0,
             };
-            if self.save_if(&rec, version).await?.is_some() {
+            // The volume record is compared in the same transaction: a new
+            // nexus named meanwhile makes this write fail, and the loop
+            // reads the volume again.
+            if self
+                .store
+                .compare_and_put_guarded(
+                    &NexusHealth::key_of(&report.volume_id),
+                    &encode(&rec),
+                    version,
+                    &VolumeSpec::key_of(&report.volume_id),
+                    vol_version,
+                )
+                .await?
+                .is_some()
+            {
                 recorded = true;
                 break;
             }
@@ -206,6 +239,7 @@ mod tests {
             target: None,
             topology: Default::default(),
             rebuild_nexus: None,
+            nexus_instance: "i1".into(),
             phase_since: now_secs(),
             requisite: vec![],
             preferred: vec![],
@@ -263,7 +297,8 @@ mod tests {
             c.nexus_health("v1").await.unwrap().unwrap().healthy,
             vec![A.to_owned()]
         );
-        // A new instance starts its own sequence.
+        // A new instance starts its own sequence, once the volume names it.
+        name_instance(&c, "i2").await;
         assert_eq!(
             c.record_nexus_health(&report(&both, 0, "i2"))
                 .await
@@ -277,6 +312,99 @@ mod tests {
         // Recording more children never marks a retired replica healthy:
         // only the reconciler does, after a rebuild.
         assert!(!c.volume("v1").await.unwrap().replicas[1].healthy);
+    }
+
+    /// Names `instance` as the volume's current nexus, as creating a
+    /// nexus does.
+    async fn name_instance(c: &Control, instance: &str) {
+        let mut vol = c.volume("v1").await.unwrap();
+        vol.nexus_instance = instance.into();
+        c.save(&vol).await.unwrap();
+    }
+
+    /// The volume's nexus moved to a new node while the old one was cut
+    /// off; the old nexus, still running, sees the remote replica go and
+    /// reports a healthy set without it. Its reports are refused: the new
+    /// nexus's replicas stay healthy and its record stands.
+    #[tokio::test]
+    async fn a_partitioned_old_nexus_is_fenced() {
+        let (_d, c) = with_volume().await;
+        let both = [
+            format!("replica:///{A}"),
+            format!("nvmf://127.0.0.2:8420/nqn.2024-01.dev.cairn:replica:{B}"),
+        ];
+        assert_eq!(
+            c.record_nexus_health(&report(&both, 1, "i1"))
+                .await
+                .unwrap(),
+            HealthOutcome::Recorded
+        );
+        // The new nexus is named, then records its set.
+        name_instance(&c, "new").await;
+        let on_b = [
+            format!("nvmf://127.0.0.1:8420/nqn.2024-01.dev.cairn:replica:{A}"),
+            format!("replica:///{B}"),
+        ];
+        assert_eq!(
+            c.record_nexus_health(&report(&on_b, 1, "new"))
+                .await
+                .unwrap(),
+            HealthOutcome::Recorded
+        );
+        // The old nexus loses B and reports, with a higher generation.
+        let only_a = [format!("replica:///{A}")];
+        let mut refused = 0;
+        for g in 2..5 {
+            let got = c
+                .record_nexus_health(&report(&only_a, g, "i1"))
+                .await
+                .unwrap();
+            if got == HealthOutcome::Fenced {
+                refused += 1;
+            }
+        }
+        let h = c.nexus_health("v1").await.unwrap().unwrap();
+        let vol = c.volume("v1").await.unwrap();
+        let retired = vol.replicas.iter().filter(|r| !r.healthy).count();
+        eprintln!("old nexus: {refused} of 3 reports refused; replicas retired by it: {retired}");
+        assert_eq!(refused, 3);
+        assert_eq!(retired, 0, "the old nexus retired the new nexus's replicas");
+        assert_eq!(h.instance, "new");
+        assert_eq!(h.healthy, vec![A.to_owned(), B.to_owned()]);
+    }
+
+    /// The clean-shutdown flag is what decides whether a nexus built again
+    /// may trust its children to agree.
+    #[test]
+    fn after_an_unclean_end_one_child_is_the_source_and_the_others_are_copied() {
+        use crate::control::after_unclean_end;
+        let remote = "nvmf://127.0.0.2:8420/nqn.2024-01.dev.cairn:replica:b".to_owned();
+        let local = "replica:///a".to_owned();
+        let two = vec![remote.clone(), local.clone()];
+        let rec = |clean| NexusHealth {
+            volume_id: "v1".into(),
+            instance: "i1".into(),
+            generation: 3,
+            healthy: vec![A.into(), B.into()],
+            clean_shutdown: clean,
+            updated: 0,
+        };
+        // Clean, or no record yet: every child starts healthy.
+        assert_eq!(after_unclean_end(two.clone(), None), (two.clone(), vec![]));
+        assert_eq!(
+            after_unclean_end(two.clone(), Some(&rec(true))),
+            (two.clone(), vec![])
+        );
+        // Unclean: the local child is the source, the remote one is copied.
+        assert_eq!(
+            after_unclean_end(two, Some(&rec(false))),
+            (vec![local.clone()], vec![remote])
+        );
+        // One child has nothing to agree with.
+        assert_eq!(
+            after_unclean_end(vec![local.clone()], Some(&rec(false))),
+            (vec![local], vec![])
+        );
     }
 
     #[tokio::test]

@@ -415,6 +415,7 @@ impl Control {
                     target: None,
                     topology,
                     rebuild_nexus: None,
+                    nexus_instance: String::new(),
                     phase_since: now_secs(),
                     requisite: req.requisite.clone(),
                     preferred: req.preferred.clone(),
@@ -638,6 +639,11 @@ impl Control {
             }
             self.save(vol).await?;
         }
+        let (children, resync) = after_unclean_end(children, record.as_ref());
+        // The instance is named before the nexus exists: from now on only
+        // its health records are stored (a nexus elsewhere is fenced off).
+        vol.nexus_instance = uuid::Uuid::new_v4().to_string();
+        self.save(vol).await?;
         let mut engine = self.engine(node)?;
         let nexus = engine
             .create_nexus(pb::CreateNexusRequest {
@@ -645,10 +651,31 @@ impl Control {
                 size_bytes: vol.size_bytes,
                 children,
                 allowed_hosts,
+                instance: vol.nexus_instance.clone(),
             })
             .await
             .map_err(engine_err(&node.id))?
             .into_inner();
+        if !nexus.instance.is_empty() && nexus.instance != vol.nexus_instance {
+            // The engine had the nexus already: that one stays current.
+            vol.nexus_instance = nexus.instance.clone();
+            self.save(vol).await?;
+        }
+        for uri in resync {
+            // A child the engine's nexus has already is left as it is.
+            match engine
+                .add_child(pb::AddChildRequest {
+                    uuid: vol.id.clone(),
+                    uri: uri.clone(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::AlreadyExists => {}
+                Err(s) => return Err(engine_err(&node.id)(s)),
+            }
+            tracing::info!(volume = %vol.id, child = %uri, "nexus did not shut down cleanly; child copied from the first one");
+        }
         Ok(nexus)
     }
 
@@ -816,4 +843,26 @@ impl Control {
         }
         Ok((total, largest))
     }
+}
+
+/// How a nexus starts over `children` (the local child first, if any),
+/// given the last health record: after one that did not shut down cleanly
+/// (a crash, an engine stop), the children may differ where writes were in
+/// flight. Those were never acknowledged, but every child must answer
+/// alike: the nexus starts from the first child alone and the others join
+/// it as new children, copied from it (thin-aware). Returns the children to
+/// create the nexus with and the ones to add after.
+fn after_unclean_end(
+    mut children: Vec<String>,
+    record: Option<&NexusHealth>,
+) -> (Vec<String>, Vec<String>) {
+    let unclean = record.is_some_and(|h| !h.clean_shutdown);
+    if !unclean || children.len() < 2 {
+        return (children, Vec::new());
+    }
+    if let Some(i) = children.iter().position(|c| c.starts_with("replica:///")) {
+        children.swap(0, i);
+    }
+    let rest = children.split_off(1);
+    (children, rest)
 }

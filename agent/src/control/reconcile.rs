@@ -921,6 +921,7 @@ mod tests {
             target: None,
             topology: Default::default(),
             rebuild_nexus: None,
+            nexus_instance: String::new(),
             phase_since: 0,
             requisite: vec![],
             preferred: vec![],

@@ -288,6 +288,39 @@ impl EtcdStore {
     }
 }
 
+/// The comparison "`key` is at `version`" (0: absent); `None` for a version
+/// etcd cannot express (no key is ever at it).
+fn version_is(key: &str, version: u64) -> Option<Compare> {
+    if version == 0 {
+        return Some(Compare::create_revision(key, CompareOp::Equal, 0));
+    }
+    revision(version).map(|rev| Compare::mod_revision(key, CompareOp::Equal, rev))
+}
+
+impl EtcdStore {
+    /// Puts `key` in one transaction if every comparison holds.
+    async fn put_when(
+        &self,
+        key: &str,
+        value: &[u8],
+        compares: Vec<Compare>,
+    ) -> Result<Option<u64>, StoreError> {
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([TxnOp::put(key, value, None)]);
+        let resp = self
+            .bounded("compare-and-put", Op::Write, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_version(key, resp.header()).map(Some)
+    }
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
@@ -322,28 +355,26 @@ impl Store for EtcdStore {
         value: &[u8],
         expected: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let compare = if expected == 0 {
-            Compare::create_revision(key, CompareOp::Equal, 0)
-        } else {
-            match revision(expected) {
-                Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
-                // No key is ever at a version etcd cannot even express.
-                None => return Ok(None),
-            }
-        };
-        let txn = Txn::new()
-            .when([compare])
-            .and_then([TxnOp::put(key, value, None)]);
-        let resp = self
-            .bounded("compare-and-put", Op::Write, |mut kv| {
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await?;
-        if !resp.succeeded() {
+        let Some(compare) = version_is(key, expected) else {
             return Ok(None);
-        }
-        header_version(key, resp.header()).map(Some)
+        };
+        self.put_when(key, value, vec![compare]).await
+    }
+
+    async fn compare_and_put_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: u64,
+        guard: &str,
+        guard_version: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (Some(own), Some(theirs)) =
+            (version_is(key, expected), version_is(guard, guard_version))
+        else {
+            return Ok(None);
+        };
+        self.put_when(key, value, vec![own, theirs]).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
@@ -544,6 +575,6 @@ mod tests {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(all, vec!["/a", "/b", "/p/2", "/q/1"]);
+        assert_eq!(all, vec!["/a", "/b", "/c", "/g", "/p/2", "/q/1"]);
     }
 }

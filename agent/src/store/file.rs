@@ -59,10 +59,21 @@ impl FileStore {
         key: &str,
         value: Option<&[u8]>,
         expected: Option<u64>,
+        guard: Option<(&str, u64)>,
     ) -> Result<Option<u64>, StoreError> {
         let txn = db.begin_write().map_err(unavailable)?;
         let result = {
             let mut kv = txn.open_table(KV).map_err(unavailable)?;
+            if let Some((gkey, gversion)) = guard {
+                let at = kv
+                    .get(gkey)
+                    .map_err(unavailable)?
+                    .map(|g| g.value().0)
+                    .unwrap_or(0);
+                if at != gversion {
+                    return Ok(None);
+                }
+            }
             let current = kv
                 .get(key)
                 .map_err(unavailable)?
@@ -112,7 +123,7 @@ impl Store for FileStore {
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
         let (key, value) = (key.to_owned(), value.to_vec());
         self.blocking(move |db| {
-            FileStore::write(db, &key, Some(&value), None)?
+            FileStore::write(db, &key, Some(&value), None, None)?
                 .ok_or_else(|| StoreError::Unavailable("unconditional put lost".into()))
         })
         .await
@@ -125,13 +136,34 @@ impl Store for FileStore {
         expected: u64,
     ) -> Result<Option<u64>, StoreError> {
         let (key, value) = (key.to_owned(), value.to_vec());
-        self.blocking(move |db| FileStore::write(db, &key, Some(&value), Some(expected)))
+        self.blocking(move |db| FileStore::write(db, &key, Some(&value), Some(expected), None))
             .await
+    }
+
+    async fn compare_and_put_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: u64,
+        guard: &str,
+        guard_version: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (key, value, guard) = (key.to_owned(), value.to_vec(), guard.to_owned());
+        self.blocking(move |db| {
+            FileStore::write(
+                db,
+                &key,
+                Some(&value),
+                Some(expected),
+                Some((&guard, guard_version)),
+            )
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_owned();
-        self.blocking(move |db| Ok(FileStore::write(db, &key, None, None)?.is_some()))
+        self.blocking(move |db| Ok(FileStore::write(db, &key, None, None, None)?.is_some()))
             .await
     }
 

@@ -47,6 +47,19 @@ pub trait Store: Send + Sync + 'static {
         expected: u64,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// Writes one key if its current version is `expected` (0: absent)
+    /// and key `guard` is at version `guard_version` (0: absent), both
+    /// compared in the same transaction as the write. Returns the new
+    /// version, or `None` if either version did not match.
+    async fn compare_and_put_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: u64,
+        guard: &str,
+        guard_version: u64,
+    ) -> Result<Option<u64>, StoreError>;
+
     /// Deletes one key; returns whether it existed.
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
 
@@ -86,6 +99,46 @@ pub(crate) mod conformance {
             store.compare_and_put("/b", b"again", 0).await.unwrap(),
             None
         );
+
+        // A guarded write needs both its own and the guard's version.
+        let g = store.put("/g", b"guard").await.unwrap();
+        let b = store.get("/b").await.unwrap().unwrap().version;
+        assert_eq!(
+            store
+                .compare_and_put_guarded("/b", b"x", b, "/g", g + 100)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .compare_and_put_guarded("/b", b"x", b + 100, "/g", g)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .compare_and_put_guarded("/b", b"x", b, "/nope", 1)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.get("/b").await.unwrap().unwrap().value, b"new");
+        let b2 = store
+            .compare_and_put_guarded("/b", b"guarded", b, "/g", g)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(b2 > b);
+        assert!(store
+            .compare_and_put_guarded("/c", b"c", 0, "/absent", 0)
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(store.get("/b").await.unwrap().unwrap().value, b"guarded");
+        // The guard itself is untouched.
+        assert_eq!(store.get("/g").await.unwrap().unwrap().version, g);
 
         store.put("/p/2", b"2").await.unwrap();
         store.put("/p/1", b"1").await.unwrap();

@@ -172,6 +172,8 @@ pub(crate) struct DevInner {
     /// [`NvmfDevice::rescan`].
     num_blocks: Arc<std::sync::atomic::AtomicU64>,
     uuid: Option<Uuid>,
+    /// The namespace's EUI64 at connect: a Cairn replica's incarnation.
+    eui64: u64,
     admin: Mutex<Admin>,
     used_qids: Mutex<Vec<u16>>,
     stop: AtomicBool,
@@ -425,6 +427,7 @@ impl NvmfDevice {
             return Err(InitiatorError::Protocol("unsupported block size"));
         }
         let dealloc_reads_zeroes = ns[33] & 0x7 == 1;
+        let eui64 = u64::from_be_bytes(ns[120..128].try_into().unwrap_or_default());
         let uuid = admin_sync(
             q,
             identify_sqe(cns::NS_DESC_LIST, opts.nsid),
@@ -448,6 +451,7 @@ impl NvmfDevice {
             num_blocks: Arc::new(std::sync::atomic::AtomicU64::new(info.num_blocks)),
             info,
             uuid,
+            eui64,
             admin: Mutex::new(admin),
             used_qids: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -620,6 +624,10 @@ fn find_uuid(d: &[u8]) -> Option<Uuid> {
 }
 
 impl BlockDevice for NvmfDevice {
+    fn incarnation(&self) -> Option<u64> {
+        (self.inner.eui64 != 0).then_some(self.inner.eui64)
+    }
+
     fn refresh(&self) -> Result<(), BdevError> {
         self.rescan()
             .map(|_| ())

@@ -175,9 +175,14 @@ impl NexusChannel {
         }
     }
 
-    /// Folds a mirrored operation's outcomes: success if a child that was
-    /// healthy succeeded and every failure was the child's own (it is
-    /// faulted); a request error (out of range, no space) is the request's.
+    /// Folds a mirrored operation's outcomes. The one rule that keeps the
+    /// legs alike: a child that fails a mutation another healthy child took
+    /// no longer holds what the mirror answers, so it is faulted, whatever
+    /// its error (an I/O error, or a request error such as no space on an
+    /// over-committed pool); the operation succeeds from the others. When
+    /// no healthy child took it, the error is the host's: a request error
+    /// (out of range, no space) as is, and a rebuilding child that took it
+    /// anyway gets the segments back in its stale map and is faulted.
     /// Children that did not take a write get its segments in their stale
     /// map before the write is acknowledged, and the acknowledgement waits
     /// for the health record of any child this write faulted.
@@ -201,13 +206,22 @@ impl NexusChannel {
                 }
             }
         }
-        let mut ok = false;
+        let ok = outcomes.iter().any(|o| o.healthy && o.result.is_ok());
         let mut request_error = None;
         let mut last = None;
         for o in outcomes.iter_mut() {
             match std::mem::replace(&mut o.result, Ok(())) {
-                Ok(()) => ok |= o.healthy,
-                Err(e) if is_child_failure(&e) => {
+                Ok(()) if !ok && !o.healthy && segments.is_some() => {
+                    // A rebuilding child took a write the healthy set did
+                    // not: it must not keep it.
+                    if let Some((first, last)) = segments {
+                        o.leg.child.mark_stale(first, last);
+                    }
+                    self.sh
+                        .fault(&o.leg.child, "took a write the healthy children failed");
+                }
+                Ok(()) => {}
+                Err(e) if is_child_failure(&e) || ok => {
                     self.sh.fault_io(&o.leg.child, &e.to_string());
                     last = Some(e);
                 }

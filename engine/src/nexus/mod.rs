@@ -5,7 +5,10 @@
 //! child, the one with the fewest reads outstanding on this channel (local
 //! children first on a tie). A child that fails an I/O (or, for a remote
 //! child, does not answer within the I/O timeout) is faulted and leaves the
-//! I/O path; the I/O completes from the others. The last healthy child is
+//! I/O path; the I/O completes from the others. So is a child that fails a
+//! write another healthy child took, whatever the error (no space on an
+//! over-committed pool too): a child that serves reads holds every
+//! acknowledged write, with no exception per block. The last healthy child is
 //! never faulted by an I/O error (it holds every acknowledged write): I/O it
 //! fails is retried for up to a bounded pause before the error reaches the
 //! host, so that a filesystem does not go read-only on a blip.
@@ -21,6 +24,14 @@
 //! only those segments. A new child starts with every segment marked (a full
 //! rebuild). The map lives in memory: after the nexus restarts, a child that
 //! was away is added again and copied whole.
+//!
+//! **Incarnation.** A child that comes back is compared with the one that
+//! left by its device's incarnation (a replica's is a random id of its
+//! pool's opening, new at every import; a remote one reports it as its
+//! namespace's EUI64). If its engine or pool restarted meanwhile, it may
+//! have lost writes it completed but had not made durable, which the stale
+//! map cannot name: it is copied whole (a thin one stays thin, see
+//! [`rebuild`]). Nothing is logged on the write path for it.
 //!
 //! **Rebuild.** A rebuilding child receives every new write and is filled in
 //! the background (see [`rebuild`]) from a healthy child, segment by
@@ -185,6 +196,9 @@ impl Progress {
 pub struct Child {
     uri: String,
     device: Arc<dyn BlockDevice>,
+    /// The device's incarnation when it joined (see
+    /// [`BlockDevice::incarnation`]).
+    incarnation: Option<u64>,
     local: bool,
     state: AtomicU8,
     /// Segments where this child may lack acknowledged writes.
@@ -204,6 +218,7 @@ impl Child {
         Child {
             local: !uri.starts_with("nvmf://"),
             uri,
+            incarnation: device.incarnation(),
             device,
             state: AtomicU8::new(state as u8),
             stale: Arc::new(Mutex::new(stale)),
@@ -448,9 +463,24 @@ impl Nexus {
     }
 
     /// Assembles nexus `uuid` of `size_bytes` over `children` (uri,
-    /// device), all healthy; `recorder` keeps its healthy set.
+    /// device), all healthy; `recorder` keeps its healthy set. The
+    /// instance id is a new random one.
     pub fn with_options(
         uuid: Uuid,
+        size_bytes: u64,
+        children: Vec<(String, Arc<dyn BlockDevice>)>,
+        cfg: NexusConfig,
+        recorder: Option<Arc<dyn HealthRecorder>>,
+    ) -> Result<Self, NexusError> {
+        Self::with_instance(uuid, Uuid::new_v4(), size_bytes, children, cfg, recorder)
+    }
+
+    /// [`Nexus::with_options`] as instance `instance`: the id its health
+    /// records carry, which the store accepts only while the volume names
+    /// it as current.
+    pub fn with_instance(
+        uuid: Uuid,
+        instance: Uuid,
         size_bytes: u64,
         children: Vec<(String, Arc<dyn BlockDevice>)>,
         cfg: NexusConfig,
@@ -478,7 +508,7 @@ impl Nexus {
             .collect();
         let shared = Arc::new(Shared {
             uuid,
-            instance: Uuid::new_v4(),
+            instance,
             cfg,
             block_size: bs,
             num_blocks: AtomicU64::new(size_bytes / u64::from(bs)),
@@ -503,6 +533,11 @@ impl Nexus {
     /// The volume id.
     pub fn uuid(&self) -> Uuid {
         self.shared.uuid
+    }
+
+    /// This nexus instance.
+    pub fn instance(&self) -> Uuid {
+        self.shared.instance
     }
 
     /// The tunables.
@@ -616,11 +651,22 @@ impl Nexus {
         let device = device.unwrap_or_else(|| old.device.clone());
         let size = sh.num_blocks.load(Ordering::Acquire) * u64::from(sh.block_size);
         check_child(uri, device.as_ref(), sh.block_size, size)?;
-        let stale_segments = old.stale.lock().expect("poisoned").count();
         let segments = size.div_ceil(sh.cfg.segment_bytes);
+        let incarnation = device.incarnation();
+        if incarnation != old.incarnation {
+            // Its pool was opened again since it left (an engine restart,
+            // a power loss): it may have lost writes it completed before
+            // it left, which no stale map names. It is copied whole.
+            tracing::warn!(nexus = %sh.uuid, child = uri, before = ?old.incarnation, now = ?incarnation, "child restarted while away; resyncing it whole");
+            if segments > 0 {
+                old.mark_stale(0, segments - 1);
+            }
+        }
+        let stale_segments = old.stale.lock().expect("poisoned").count();
         let child = Child {
             local: old.local,
             uri: uri.into(),
+            incarnation,
             device,
             state: AtomicU8::new(ChildState::Rebuilding as u8),
             stale: old.stale.clone(),

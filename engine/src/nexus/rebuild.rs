@@ -7,6 +7,13 @@
 //! only then does it walk the stale map. Each segment is copied under an
 //! exclusive lock (see `locks`), and unmarked before the lock is released.
 //! A child that still has no stale segment once the walk ends is healthy.
+//!
+//! **Thin stays thin.** A chunk that reads back all zeroes from the source
+//! (never written, or deallocated) is deallocated on the child (written as
+//! zeroes if the child's deallocated blocks do not read zeroes) instead of
+//! written, so that a rebuilt thin replica allocates what its source holds,
+//! not the whole volume. The cost is a scan of each chunk read (memory
+//! speed); the source is still read whole.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -219,7 +226,17 @@ impl Job<'_> {
                     reason: e.to_string(),
                 });
             }
-            let (r, _) = self.dst.write(lba, buf, false).await;
+            let r = if is_zero(&buf) {
+                // Never written (or zeroed) on the source: a thin child
+                // keeps it unallocated, and reads zeroes there either way.
+                if self.child.device.info().dealloc_reads_zeroes {
+                    self.dst.deallocate(lba, blocks).await
+                } else {
+                    self.dst.write_zeroes(lba, blocks).await
+                }
+            } else {
+                self.dst.write(lba, buf, false).await.0
+            };
             if let Err(e) = r {
                 self.sh
                     .fault(self.child, &format!("rebuild write failed: {e}"));
@@ -246,4 +263,11 @@ impl Job<'_> {
             monoio::time::sleep(due - elapsed).await;
         }
     }
+}
+
+/// Whether every byte of `buf` is zero.
+fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }

@@ -191,6 +191,7 @@ impl Controller {
             uuid: *n.uuid.as_bytes(),
             dealloc_reads_zeroes: n.info.dealloc_reads_zeroes,
             write_protected: false,
+            eui64: n.device.incarnation().unwrap_or(0),
         };
         match cns_v {
             cns::CONTROLLER => {
