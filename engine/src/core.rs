@@ -364,6 +364,7 @@ impl Engine {
         let uuid = parse_uuid("replica", uuid)?;
         let (pool, _) = self.replica(&uuid)?;
         pool.resize_replica(uuid, size)?;
+        self.target.notice_resized();
         Ok(pool.replica(uuid)?)
     }
 
@@ -512,6 +513,8 @@ impl Engine {
         })?;
         entry.nexus.resize(size_bytes)?;
         entry.size_bytes = size_bytes;
+        drop(nexuses);
+        self.target.notice_resized();
         tracing::info!(nexus = %uuid, size_bytes, "nexus resized");
         Ok(())
     }
