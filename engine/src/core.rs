@@ -233,7 +233,8 @@ impl Engine {
         Ok(pool)
     }
 
-    fn pool(&self, name: &str) -> Result<Arc<Pool>, EngineError> {
+    /// An imported pool by name; unknown is NotFound.
+    pub fn pool(&self, name: &str) -> Result<Arc<Pool>, EngineError> {
         self.pools
             .lock()
             .expect("poisoned")

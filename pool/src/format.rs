@@ -283,8 +283,8 @@ impl ReplicaRecord {
         put_u32(&mut b, 20, self.incarnation);
         b[24..40].copy_from_slice(self.uuid.as_bytes());
         put_u64(&mut b, 40, self.size);
-        let flags = if self.thin { FLAG_THIN } else { 0 }
-            | if self.faulted { FLAG_FAULTED } else { 0 };
+        let flags =
+            if self.thin { FLAG_THIN } else { 0 } | if self.faulted { FLAG_FAULTED } else { 0 };
         put_u32(&mut b, 48, flags);
         let name = self.name.as_bytes();
         put_u16(&mut b, 52, name.len() as u16);
@@ -475,10 +475,7 @@ mod tests {
             faulted: false,
         };
         assert_eq!(ReplicaRecord::decode(&r.encode()).unwrap(), Some(r.clone()));
-        let f = ReplicaRecord {
-            faulted: true,
-            ..r
-        };
+        let f = ReplicaRecord { faulted: true, ..r };
         assert_eq!(ReplicaRecord::decode(&f.encode()).unwrap(), Some(f));
         assert_eq!(ReplicaRecord::decode(&[0u8; 4096]).unwrap(), None);
     }

@@ -144,9 +144,15 @@ fn damaged_cluster_group_faults_only_the_replicas_it_may_have_covered() {
     let b = pool.create_replica(thin("b", 4 * MIB)).unwrap();
     let c = pool.create_replica(thin("c", 4 * MIB)).unwrap();
     on_reactor(async {
-        write(&*channel(&a), 0, &pattern(2 * MIB as usize, 1)).await.unwrap();
-        write(&*channel(&e), 0, &pattern(2 * MIB as usize, 2)).await.unwrap();
-        write(&*channel(&b), 0, &pattern(3 * CS as usize, 3)).await.unwrap(); // 64..67
+        write(&*channel(&a), 0, &pattern(2 * MIB as usize, 1))
+            .await
+            .unwrap();
+        write(&*channel(&e), 0, &pattern(2 * MIB as usize, 2))
+            .await
+            .unwrap();
+        write(&*channel(&b), 0, &pattern(3 * CS as usize, 3))
+            .await
+            .unwrap(); // 64..67
     });
     let d = pool.create_replica(thick("d", 8 * MIB)).unwrap(); // 67..195
     let ids = [a.uuid(), e.uuid(), b.uuid(), c.uuid(), d.uuid()];
@@ -207,7 +213,9 @@ fn damaged_cluster_group_faults_only_the_replicas_it_may_have_covered() {
     // New writes may take the repaired group's clusters.
     let f = pool.create_replica(thick("f", 4 * MIB)).unwrap();
     on_reactor(async {
-        write(&*channel(&f), 0, &pattern(4 * MIB as usize, 6)).await.unwrap();
+        write(&*channel(&f), 0, &pattern(4 * MIB as usize, 6))
+            .await
+            .unwrap();
     });
     let fu = f.uuid();
     drop(f);
