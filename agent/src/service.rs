@@ -325,6 +325,28 @@ impl ControlApi for ControlService {
         }))
     }
 
+    async fn check_pool(
+        &self,
+        req: Request<pb::CheckPoolRequest>,
+    ) -> Result<Response<pb::CheckPoolResponse>, Status> {
+        let r = req.into_inner();
+        let c = self.control.check_pool(&r.node, &r.pool, r.repair).await?;
+        let damage = |d: Vec<cairn_proto::engine::v1::PoolDamage>| {
+            d.into_iter()
+                .map(|d| pb::PoolDamage {
+                    what: d.what,
+                    offset: d.offset,
+                    reason: d.reason,
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::CheckPoolResponse {
+            damaged: damage(c.damaged),
+            repaired: damage(c.repaired),
+            faulted_replicas: c.faulted_replicas,
+        }))
+    }
+
     async fn record_nexus_health(
         &self,
         req: Request<pb::RecordNexusHealthRequest>,

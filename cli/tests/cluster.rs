@@ -12,7 +12,10 @@
 //! - etcd and the lease holder are killed during creations and deletions:
 //!   after they return, no volume stays half-made;
 //! - 50 volumes created and deleted in parallel through the API, with
-//!   retries, leak no replica.
+//!   retries, leak no replica;
+//! - a node whose pool returns with a damaged group header: its replica is
+//!   faulted and replaced from the healthy one at once, every write reads
+//!   back, and `cairnctl pool check --repair` repairs the header.
 //!
 //! Without an etcd binary the tests say so and pass without running.
 
@@ -1459,5 +1462,144 @@ async fn a_short_outage_is_resynced_in_place_not_replaced() {
     let report = writer.finish();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     verify_replicas(&c, &spec.replicas, &report.expected).await;
+    c.assert_no_orphans().await;
+}
+
+/// A node whose pool comes back with one damaged group header: the pool
+/// imports, the volume's replica on it (thin, so the pool cannot tell which
+/// clusters it lost) is faulted and replaced from its healthy peer at once
+/// (long before `replace_after`), never resynced from the dirty-region log,
+/// which would leave the lost clusters reading as zeros; every acknowledged
+/// write reads back from both replicas; `CheckPool` through the agent (what
+/// `cairnctl pool check` calls) reports the header and repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_group_header_faults_only_its_replicas_which_are_rebuilt() {
+    if etcd_binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start_with(ControlConfig {
+        replace_after: Duration::from_secs(60),
+        ..control_config()
+    })
+    .await;
+    let mut api = c.api(0).await;
+    let v = api
+        .create_volume(create_req("damaged", 2, &["z2", "z3"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let n3_uuid = v
+        .replicas
+        .iter()
+        .find(|r| r.node == "n3")
+        .unwrap()
+        .uuid
+        .clone();
+    let t = api
+        .publish_volume(apb::PublishVolumeRequest {
+            id: v.id.clone(),
+            node: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .target
+        .unwrap();
+    let writer = Writer::start(&t.address, &t.nqn, &c.nodes[0].host_nqn(), 21);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // n3 stops; its pool's first group header (naming the replica's
+    // clusters) is damaged while it is down; writes go on.
+    c.node("n3").kill();
+    let pool3 = c.node("n3").dir.join("pool-3.img");
+    let report = cairn_pool::check(&pool3).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let g0 = cairn_pool::format::group_offset(report.cluster_size, 0);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pool3)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, g0 + 40).unwrap();
+        b[0] ^= 0x5a;
+        f.write_all_at(&b, g0 + 40).unwrap();
+        f.sync_all().unwrap();
+    }
+    let back = Instant::now();
+    c.node("n3").start();
+    let spec = until(Duration::from_secs(40), "n3's replica replaced", || async {
+        let spec = c.observer.volume(&v.id).await.ok()?;
+        let gone = spec.replicas.iter().all(|r| r.uuid != n3_uuid);
+        (gone && healthy_nodes(&spec) == ["n2", "n4"]).then_some(spec)
+    })
+    .await;
+    let took = back.elapsed();
+    println!("damaged group header: replica replaced {took:?} after n3 returned");
+    assert!(took < Duration::from_secs(60), "waited for replace_after");
+    let report = writer.finish();
+    println!(
+        "acknowledged writes lost or changed: {} ({:?})",
+        report.errors.len(),
+        report.errors
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    verify_replicas(&c, &spec.replicas, &report.expected).await;
+
+    let check = |repair| {
+        let mut api = api.clone();
+        async move {
+            api.check_pool(apb::CheckPoolRequest {
+                node: "n3".into(),
+                pool: "pool-3".into(),
+                repair,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let r = check(false).await;
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
+    assert_eq!(r.damaged[0].offset, g0);
+    assert!(r.repaired.is_empty());
+    // cairnctl reports it (and fails while it remains), then repairs it.
+    let agent = c.nodes[0].agent_endpoint();
+    let cairnctl = move |repair: bool| {
+        let mut args = vec!["--agent", agent.as_str(), "pool", "check", "--node", "n3"];
+        if repair {
+            args.push("--repair");
+        }
+        args.push("pool-3");
+        let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = tokio::task::spawn_blocking({
+        let cairnctl = cairnctl.clone();
+        move || cairnctl(false)
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ok && out.contains("cluster group 0") && out.contains("damaged"),
+        "{out}"
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || cairnctl(true))
+        .await
+        .unwrap();
+    assert!(ok && out.contains("repaired"), "{out}");
+    let r = check(false).await;
+    assert!(r.damaged.is_empty() && r.repaired.is_empty(), "{r:?}");
+    let _ = check(true).await;
     c.assert_no_orphans().await;
 }

@@ -233,7 +233,8 @@ impl Engine {
         Ok(pool)
     }
 
-    fn pool(&self, name: &str) -> Result<Arc<Pool>, EngineError> {
+    /// An imported pool by name; unknown is NotFound.
+    pub fn pool(&self, name: &str) -> Result<Arc<Pool>, EngineError> {
         self.pools
             .lock()
             .expect("poisoned")
@@ -364,6 +365,7 @@ impl Engine {
         let uuid = parse_uuid("replica", uuid)?;
         let (pool, _) = self.replica(&uuid)?;
         pool.resize_replica(uuid, size)?;
+        self.target.notice_resized();
         Ok(pool.replica(uuid)?)
     }
 
@@ -530,6 +532,8 @@ impl Engine {
         })?;
         entry.nexus.resize(size_bytes)?;
         entry.size_bytes = size_bytes;
+        drop(nexuses);
+        self.target.notice_resized();
         tracing::info!(nexus = %uuid, size_bytes, "nexus resized");
         Ok(())
     }

@@ -133,6 +133,19 @@ fn replica_pb(engine: &Engine, pool: &str, r: &cairn_pool::Replica) -> pb::Repli
             bytes_read: s.bytes_read,
             bytes_written: s.bytes_written,
         }),
+        state: if r.is_faulted() {
+            pb::ReplicaState::Faulted
+        } else {
+            pb::ReplicaState::Online
+        } as i32,
+    }
+}
+
+fn damage_pb(d: &cairn_pool::Damage) -> pb::PoolDamage {
+    pb::PoolDamage {
+        what: d.location.what.clone(),
+        offset: d.location.offset,
+        reason: d.reason.clone(),
     }
 }
 
@@ -251,6 +264,24 @@ impl EngineApi for EngineService {
             .run(|e| Ok(e.pools().iter().map(|p| pool_pb(p)).collect()))
             .await?;
         Ok(Response::new(pb::ListPoolsResponse { pools }))
+    }
+
+    async fn check_pool(
+        &self,
+        r: Request<pb::CheckPoolRequest>,
+    ) -> Result<Response<pb::CheckPoolResponse>, Status> {
+        let r = r.into_inner();
+        let out = self
+            .run(move |e| {
+                let c = e.pool(&r.name)?.check(r.repair)?;
+                Ok(pb::CheckPoolResponse {
+                    damaged: c.damaged.iter().map(damage_pb).collect(),
+                    repaired: c.repaired.iter().map(damage_pb).collect(),
+                    faulted_replicas: c.faulted_replicas.iter().map(|u| u.to_string()).collect(),
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
     }
 
     async fn create_replica(

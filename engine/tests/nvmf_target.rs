@@ -593,3 +593,278 @@ fn idle_target_and_initiator_use_no_cpu() -> Result<()> {
     client.shutdown();
     Ok(())
 }
+
+/// A RAM device with a volatile write cache, modelled: a write that is not
+/// FUA stays in the cache (lost on power failure) until a flush. It can also
+/// grow, as a nexus or a shared replica does online.
+struct CacheDev {
+    ram: RamDevice,
+    blocks: std::sync::atomic::AtomicU64,
+    /// LBAs written (or zeroed, or deallocated) since the last flush and not
+    /// FUA: what a power failure now would lose.
+    volatile: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl CacheDev {
+    fn new(blocks: u64, capacity: u64) -> Arc<CacheDev> {
+        Arc::new(CacheDev {
+            ram: RamDevice::new(512, capacity),
+            blocks: blocks.into(),
+            volatile: Default::default(),
+        })
+    }
+
+    fn volatile(&self) -> usize {
+        self.volatile.lock().unwrap().len()
+    }
+}
+
+impl BlockDevice for CacheDev {
+    fn info(&self) -> cairn_bdev::DeviceInfo {
+        cairn_bdev::DeviceInfo {
+            num_blocks: self.blocks.load(std::sync::atomic::Ordering::Acquire),
+            volatile_write_cache: true,
+            ..self.ram.info()
+        }
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn cairn_bdev::IoChannel>, BdevError> {
+        Ok(Box::new(CacheChan {
+            ram: self.ram.open_channel()?,
+            volatile: self.volatile.clone(),
+        }))
+    }
+}
+
+struct CacheChan {
+    ram: Box<dyn cairn_bdev::IoChannel>,
+    volatile: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl cairn_bdev::IoChannel for CacheChan {
+    fn read(&self, lba: u64, buf: IoBuf) -> cairn_bdev::IoFuture<'_, cairn_bdev::BufResult> {
+        self.ram.read(lba, buf)
+    }
+
+    fn write(
+        &self,
+        lba: u64,
+        buf: IoBuf,
+        fua: bool,
+    ) -> cairn_bdev::IoFuture<'_, cairn_bdev::BufResult> {
+        if !fua {
+            self.volatile.lock().unwrap().push(lba);
+        }
+        self.ram.write(lba, buf, fua)
+    }
+
+    fn flush(&self) -> cairn_bdev::IoFuture<'_, Result<(), BdevError>> {
+        self.volatile.lock().unwrap().clear();
+        self.ram.flush()
+    }
+
+    fn write_zeroes(
+        &self,
+        lba: u64,
+        blocks: u64,
+    ) -> cairn_bdev::IoFuture<'_, Result<(), BdevError>> {
+        self.volatile.lock().unwrap().push(lba);
+        self.ram.write_zeroes(lba, blocks)
+    }
+
+    fn deallocate(&self, lba: u64, blocks: u64) -> cairn_bdev::IoFuture<'_, Result<(), BdevError>> {
+        self.volatile.lock().unwrap().push(lba);
+        self.ram.deallocate(lba, blocks)
+    }
+}
+
+fn cache_fixture(dev: Arc<CacheDev>) -> Result<Fixture> {
+    let target = Target::start(TargetConfig {
+        listen: "127.0.0.1:0".parse()?,
+        reactors: 1,
+        max_io_queues: 2,
+        ..TargetConfig::default()
+    })?;
+    let uuid = Uuid::new_v4();
+    let nqn = cairn_nvmf::volume_nqn(&uuid);
+    target.add_subsystem(SubsystemConfig {
+        nqn: nqn.clone(),
+        serial: "cairn-test-2".into(),
+        model: None,
+        namespaces: vec![NamespaceConfig {
+            nsid: 1,
+            uuid,
+            device: dev,
+        }],
+        allowed_hosts: None,
+    })?;
+    Ok(Fixture { target, nqn, uuid })
+}
+
+fn features_sqe(opcode: u8, fid: u8, cdw11: u32) -> Sqe {
+    let mut sqe = Sqe::default();
+    sqe.set_opcode(opcode);
+    sqe.set_cdw(10, u32::from(fid));
+    sqe.set_cdw(11, cdw11);
+    sqe
+}
+
+const FID_VWC: u8 = 0x06;
+const FID_ASYNC_EVENT: u8 = 0x0B;
+
+/// With the volatile write cache turned off by Set Features, every write the
+/// host sends without FUA is durable when it completes: a power failure right
+/// after the completions loses nothing.
+#[test]
+fn volatile_write_cache_off_makes_writes_durable_before_completion() -> Result<()> {
+    let cache = CacheDev::new(BLOCKS, BLOCKS);
+    let f = cache_fixture(cache.clone())?;
+    let dev = NvmfDevice::connect(opts(&f, HOST))?;
+    let (_, id) = dev.admin_command(
+        {
+            let mut s = Sqe::default();
+            s.set_opcode(admin::IDENTIFY);
+            s.set_cdw(10, 1);
+            s
+        },
+        4096,
+    )?;
+    ensure!(id[525] & 1 == 1, "identify: no volatile write cache");
+    let (wce, _) = dev.admin_command(features_sqe(admin::GET_FEATURES, FID_VWC, 0), 0)?;
+    ensure!(wce & 1 == 1, "write cache not enabled at start: {wce}");
+    let client = Reactors::start(1, "client")?;
+    let write_some = |n: u64, seed: u8| -> Result<()> {
+        let d = dev.clone();
+        let r: Result<(), String> = client.run(0, move || async move {
+            let q = d.open_channel().map_err(|e| e.to_string())?;
+            for i in 0..n {
+                let (r, _) = q.write(i * 8, pattern(4096, seed ^ i as u8), false).await;
+                r.map_err(|e| e.to_string())?;
+            }
+            q.write_zeroes(1024, 8).await.map_err(|e| e.to_string())?;
+            q.deallocate(2048, 8).await.map_err(|e| e.to_string())?;
+            Ok(())
+        })?;
+        r.map_err(anyhow::Error::msg)
+    };
+    // The cache is on: the writes are acknowledged from the cache.
+    write_some(4, 1)?;
+    ensure!(
+        cache.volatile() == 6,
+        "cache on: {} volatile",
+        cache.volatile()
+    );
+    let (_, _) = dev.admin_command(features_sqe(admin::SET_FEATURES, FID_VWC, 0), 0)?;
+    let (wce, _) = dev.admin_command(features_sqe(admin::GET_FEATURES, FID_VWC, 0), 0)?;
+    ensure!(
+        wce & 1 == 0,
+        "get features after turning the cache off: {wce}"
+    );
+    // Everything acknowledged before is flushed by the host, as it would.
+    let d = dev.clone();
+    client.run(0, move || async move {
+        let q = d.open_channel().expect("channel");
+        q.flush().await.expect("flush");
+    })?;
+    write_some(32, 7)?;
+    let lost = cache.volatile();
+    println!("acknowledged writes a power failure would lose with the cache off: {lost}");
+    ensure!(lost == 0, "{lost} acknowledged writes still volatile");
+    // The data is what was written.
+    let d = dev.clone();
+    let changed: usize = client.run(0, move || async move {
+        let q = d.open_channel().expect("channel");
+        let mut bad = 0;
+        for i in 0..32u64 {
+            let (r, got) = q.read(i * 8, IoBuf::zeroed(4096)).await;
+            if r.is_err() || got.as_slice() != pattern(4096, 7 ^ i as u8).as_slice() {
+                bad += 1;
+            }
+        }
+        bad
+    })?;
+    println!("acknowledged writes read back changed: {changed}");
+    ensure!(changed == 0);
+    // And on again: writes are cached again.
+    dev.admin_command(features_sqe(admin::SET_FEATURES, FID_VWC, 1), 0)?;
+    write_some(2, 9)?;
+    ensure!(cache.volatile() == 4, "cache back on: {}", cache.volatile());
+    Ok(())
+}
+
+/// Identify advertises namespace attribute notices (OAES); when the
+/// namespace grows, a held Async Event Request completes with the notice,
+/// the Changed Namespace List names the namespace once, and Identify
+/// reports the new size, which is what the Linux host needs to rescan.
+#[test]
+fn namespace_growth_completes_an_async_event_request() -> Result<()> {
+    let cache = CacheDev::new(BLOCKS, 2 * BLOCKS);
+    let f = cache_fixture(cache.clone())?;
+    let mut r = Raw::connect(f.target.local_addr())?;
+    let c = r.fabrics_connect(&f.nqn, 0, 0xffff, 0)?;
+    ensure!(c.status.is_success(), "{:?}", c.status);
+    r.enable()?;
+    let mut id = Sqe::default();
+    id.set_opcode(admin::IDENTIFY);
+    id.set_cdw(10, 1);
+    let (c, data) = r.cmd(id, &[], 4096)?;
+    ensure!(c.status.is_success());
+    let oaes = u32::from_le_bytes(data[92..96].try_into()?);
+    ensure!(oaes & (1 << 8) != 0, "OAES {oaes:#x}");
+    let (c, _) = r.cmd(
+        features_sqe(admin::SET_FEATURES, FID_ASYNC_EVENT, 1 << 8),
+        &[],
+        0,
+    )?;
+    ensure!(c.status.is_success(), "{:?}", c.status);
+    let mut aer = Sqe::default();
+    aer.set_opcode(admin::ASYNC_EVENT);
+    let aer_cid = r.send(aer, &[], false)?;
+    // A command after the AER is answered while the AER stays held.
+    let (c, log) = r.cmd(
+        cairn_engine::initiator::get_log_page_sqe(0x04, 0, 4096),
+        &[],
+        4096,
+    )?;
+    ensure!(c.status.is_success() && log.iter().all(|&b| b == 0));
+
+    cache
+        .blocks
+        .store(2 * BLOCKS, std::sync::atomic::Ordering::Release);
+    ensure!(f.target.notice_resized() == 1);
+    let (t, hdr, _) = r.recv()?;
+    ensure!(t == PduType::CapsuleResp as u8, "PDU type {t}");
+    let c = Cqe::parse(&hdr[8..]).context("cqe")?;
+    ensure!(c.cid == aer_cid && c.status.is_success(), "{c:?}");
+    ensure!(
+        c.result as u32 == 0x0004_0002,
+        "AER dword 0 {:#x}",
+        c.result as u32
+    );
+    let (c, log) = r.cmd(
+        cairn_engine::initiator::get_log_page_sqe(0x04, 0, 4096),
+        &[],
+        4096,
+    )?;
+    ensure!(c.status.is_success());
+    let first = u32::from_le_bytes(log[0..4].try_into()?);
+    ensure!(
+        first == 1 && log[4..].iter().all(|&b| b == 0),
+        "log {first}"
+    );
+    // Read without RAE: cleared.
+    let (_, log) = r.cmd(
+        cairn_engine::initiator::get_log_page_sqe(0x04, 0, 4096),
+        &[],
+        4096,
+    )?;
+    ensure!(log.iter().all(|&b| b == 0), "changed list not cleared");
+    let mut idns = Sqe::default();
+    idns.set_opcode(admin::IDENTIFY);
+    idns.set_nsid(1);
+    let (_, ns) = r.cmd(idns, &[], 4096)?;
+    ensure!(u64::from_le_bytes(ns[0..8].try_into()?) == 2 * BLOCKS);
+    // Nothing changed since: no namespace to tell about.
+    ensure!(f.target.notice_resized() == 0);
+    Ok(())
+}

@@ -325,6 +325,8 @@ pub enum Command {
     GetLogPage {
         lid: u8,
         lsp: u8,
+        /// Retain Asynchronous Event: reading the log does not clear it.
+        rae: bool,
         /// Bytes requested.
         len: u32,
         /// Byte offset into the log.
@@ -434,6 +436,7 @@ impl Command {
                 Command::GetLogPage {
                     lid: (c10 & 0xff) as u8,
                     lsp: ((c10 >> 8) & 0x7f) as u8,
+                    rae: c10 & (1 << 15) != 0,
                     len,
                     offset: u64::from(sqe.cdw(12)) | (u64::from(sqe.cdw(13)) << 32),
                     nsid: sqe.nsid(),
@@ -582,11 +585,24 @@ mod tests {
         s.set_cdw(12, 1024);
         match Command::parse(&s, true).unwrap() {
             Command::GetLogPage {
-                lid, len, offset, ..
+                lid,
+                len,
+                offset,
+                rae,
+                ..
             } => {
                 assert_eq!(lid, 0x70);
                 assert_eq!(len, 1024);
                 assert_eq!(offset, 1024);
+                assert!(!rae);
+            }
+            c => panic!("unexpected {c:?}"),
+        }
+        // Retain Asynchronous Event is bit 15, beside the log specific field.
+        s.set_cdw(10, 0x04 | (1 << 15) | (1023 << 16));
+        match Command::parse(&s, true).unwrap() {
+            Command::GetLogPage { lid, lsp, rae, .. } => {
+                assert_eq!((lid, lsp, rae), (0x04, 0, true));
             }
             c => panic!("unexpected {c:?}"),
         }

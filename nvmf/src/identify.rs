@@ -46,6 +46,10 @@ pub const CSI_NVM: u8 = 0;
 pub const NVME_VERSION: u32 = 0x0001_0300;
 /// OAES bit: namespace attribute notices.
 pub const OAES_NS_ATTR: u32 = 1 << 8;
+/// Dword 0 of the Async Event Request completion announcing a namespace
+/// attribute change: event type Notice (2), information Namespace Attribute
+/// Changed (0x00), log page Changed Namespace List (0x04).
+pub const AEN_NS_ATTR_CHANGED: u32 = 0x02 | ((lid::CHANGED_NS as u32) << 16);
 
 fn put_str(b: &mut [u8], s: &str) {
     b.fill(b' ');

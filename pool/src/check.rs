@@ -29,6 +29,8 @@ pub(crate) struct Loaded {
     pub entries: Vec<Entry>,
     /// Damaged replica records and groups.
     pub damage: Vec<Damage>,
+    /// Indices of the damaged groups (their entries read as free).
+    pub damaged_groups: Vec<u64>,
 }
 
 fn damage(offset: u64, what: String, e: &DecodeError) -> Damage {
@@ -90,6 +92,7 @@ pub(crate) fn load(md: &MdFile) -> Result<Loaded> {
         });
     }
     let mut damage_list = Vec::new();
+    let mut damaged_groups = Vec::new();
     let table = md.read(
         REPLICA_TABLE_START,
         REPLICA_SLOTS as usize * MD_BLOCK as usize,
@@ -114,6 +117,7 @@ pub(crate) fn load(md: &MdFile) -> Result<Loaded> {
             Ok(es) => entries.extend_from_slice(&es[..n]),
             Err(e) => {
                 damage_list.push(damage(off, format!("cluster group {g}"), &e));
+                damaged_groups.push(g);
                 entries.extend(std::iter::repeat_n(Entry::FREE, n));
             }
         }
@@ -124,7 +128,34 @@ pub(crate) fn load(md: &MdFile) -> Result<Loaded> {
         records,
         entries,
         damage: damage_list,
+        damaged_groups,
     })
+}
+
+/// Replicas that may have owned a cluster of a damaged group: every live
+/// replica with a logical cluster no healthy group maps. Their entries may
+/// have been in the lost header, so their data cannot be trusted; a replica
+/// whose every cluster is mapped elsewhere owned none there (a logical
+/// cluster has one owner). With no damaged group, none.
+pub(crate) fn suspects(l: &Loaded, r: &Resolved) -> Vec<u32> {
+    if l.damaged_groups.is_empty() {
+        return Vec::new();
+    }
+    let cs = u64::from(l.sb.cluster_size);
+    let mut mapped: std::collections::HashMap<u32, u64> = Default::default();
+    for &(slot, _, _) in &r.mappings {
+        *mapped.entry(slot).or_default() += 1;
+    }
+    l.records
+        .iter()
+        .enumerate()
+        .filter_map(|(s, rec)| {
+            let rec = rec.as_ref().filter(|r| r.active)?;
+            let s = s as u32;
+            let have = mapped.get(&s).copied().unwrap_or(0);
+            (have < rec.size.div_ceil(cs)).then_some(s)
+        })
+        .collect()
 }
 
 /// How the entries of a loaded pool resolve.
@@ -188,6 +219,10 @@ pub struct CheckReport {
     pub doubly_owned: Vec<u64>,
     /// Clusters still naming a destroyed replica: free, reclaimed on reuse.
     pub orphaned: Vec<u64>,
+    /// Replicas faulted (recorded so, or because a damaged group header may
+    /// have named their clusters): they serve no I/O and are rebuilt from
+    /// their peers.
+    pub faulted_replicas: Vec<Uuid>,
 }
 
 impl CheckReport {
@@ -208,6 +243,16 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     let r = resolve(&l);
     let mut damaged = l.sb_damage.clone();
     damaged.extend(l.damage.iter().cloned());
+    let suspects = suspects(&l, &r);
+    let faulted_replicas = l
+        .records
+        .iter()
+        .enumerate()
+        .filter_map(|(s, rec)| {
+            let rec = rec.as_ref().filter(|r| r.active)?;
+            (rec.faulted || suspects.contains(&(s as u32))).then_some(rec.uuid)
+        })
+        .collect();
     Ok(CheckReport {
         pool_uuid: l.sb.uuid,
         pool_name: l.sb.name.clone(),
@@ -220,5 +265,6 @@ pub fn check(path: &Path) -> Result<CheckReport> {
         leaked: r.leaked,
         doubly_owned: r.doubly_owned,
         orphaned: r.orphaned,
+        faulted_replicas,
     })
 }

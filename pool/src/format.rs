@@ -254,6 +254,9 @@ pub fn replica_offset(s: u32) -> u64 {
 
 /// Replica flags.
 pub const FLAG_THIN: u32 = 1;
+/// The replica may have lost clusters (a damaged group header named them):
+/// it serves no I/O until destroyed, and is rebuilt elsewhere.
+pub const FLAG_FAULTED: u32 = 2;
 
 /// One replica slot of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +270,8 @@ pub struct ReplicaRecord {
     pub name: String,
     pub size: u64,
     pub thin: bool,
+    /// See [`FLAG_FAULTED`].
+    pub faulted: bool,
 }
 
 impl ReplicaRecord {
@@ -278,7 +283,9 @@ impl ReplicaRecord {
         put_u32(&mut b, 20, self.incarnation);
         b[24..40].copy_from_slice(self.uuid.as_bytes());
         put_u64(&mut b, 40, self.size);
-        put_u32(&mut b, 48, if self.thin { FLAG_THIN } else { 0 });
+        let flags =
+            if self.thin { FLAG_THIN } else { 0 } | if self.faulted { FLAG_FAULTED } else { 0 };
+        put_u32(&mut b, 48, flags);
         let name = self.name.as_bytes();
         put_u16(&mut b, 52, name.len() as u16);
         b[54..54 + name.len()].copy_from_slice(name);
@@ -318,6 +325,7 @@ impl ReplicaRecord {
             name,
             size: get_u64(b, 40),
             thin: get_u32(b, 48) & FLAG_THIN != 0,
+            faulted: get_u32(b, 48) & FLAG_FAULTED != 0,
         }))
     }
 }
@@ -464,8 +472,11 @@ mod tests {
             name: "r".into(),
             size: 1 << 30,
             thin: true,
+            faulted: false,
         };
-        assert_eq!(ReplicaRecord::decode(&r.encode()).unwrap(), Some(r));
+        assert_eq!(ReplicaRecord::decode(&r.encode()).unwrap(), Some(r.clone()));
+        let f = ReplicaRecord { faulted: true, ..r };
+        assert_eq!(ReplicaRecord::decode(&f.encode()).unwrap(), Some(f));
         assert_eq!(ReplicaRecord::decode(&[0u8; 4096]).unwrap(), None);
     }
 }

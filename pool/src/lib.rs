@@ -37,9 +37,14 @@
 //!   each flushed, and import takes the newest valid copy.
 //!
 //! Every metadata block carries a CRC32C. Import refuses a pool with a
-//! damaged replica record or group block ([`PoolError::Corrupt`] with its
-//! location) rather than serve wrong data; [`check`] reports all damage,
-//! leaked and doubly-owned clusters without changing anything.
+//! damaged replica record ([`PoolError::Corrupt`] with its location) rather
+//! than serve wrong data. A damaged group header costs only the replicas
+//! that may have owned its clusters: import sets its clusters aside, marks
+//! those replicas faulted (in their records, durably; they fail every I/O
+//! and are rebuilt elsewhere from their peers) and serves the rest;
+//! [`Pool::check`] reports it and rewrites the header. The offline
+//! [`check`] reports all damage, faulted replicas, leaked and doubly-owned
+//! clusters without changing anything.
 //!
 //! # Ownership of the device
 //!
@@ -72,5 +77,5 @@ mod shared;
 
 pub use check::{check, CheckReport, Damage};
 pub use error::{Location, PoolError, Result};
-pub use pool::{Pool, PoolCreate, PoolInfo, ReplicaCreate, DEFAULT_CLUSTER_SIZE};
+pub use pool::{Pool, PoolCheck, PoolCreate, PoolInfo, ReplicaCreate, DEFAULT_CLUSTER_SIZE};
 pub use replica::{Replica, ReplicaInfo, ReplicaStats};

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
 
-use crate::check::{load, resolve};
+use crate::check::{load, resolve, suspects, Damage};
 use crate::error::{Location, PoolError, Result};
 use crate::format::{
     cluster_offset, clusters_for, encode_group, group_offset, groups_for, replica_offset,
@@ -70,6 +70,30 @@ pub struct PoolInfo {
 struct Ctl {
     records: Vec<Option<ReplicaRecord>>,
     replicas: BTreeMap<Uuid, Arc<Replica>>,
+    /// Damaged group headers found at import and not yet repaired: their
+    /// clusters are neither free nor mapped.
+    damaged_groups: Vec<Damage>,
+}
+
+/// An in-memory entry for the clusters of a damaged group: not free (they
+/// may hold a faulted replica's data), owned by no replica.
+const LOST: Entry = Entry {
+    owner: u32::MAX,
+    incarnation: 0,
+    logical: u64::MAX,
+    refs: 0,
+};
+
+/// What [`Pool::check`] found, and repaired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCheck {
+    /// Damaged group headers still on the device.
+    pub damaged: Vec<Damage>,
+    /// Group headers rewritten by this call.
+    pub repaired: Vec<Damage>,
+    /// Faulted replicas: they serve no I/O and are to be rebuilt from their
+    /// peers and destroyed.
+    pub faulted_replicas: Vec<Uuid>,
 }
 
 /// An imported pool.
@@ -161,10 +185,24 @@ impl Pool {
 
     /// Opens the pool on `path`, checks its metadata and rebuilds the
     /// allocation state by walking the cluster entries.
+    ///
+    /// A damaged replica record makes import fail. A damaged group header
+    /// does not: its clusters are set aside (neither free nor mapped), every
+    /// replica that may have owned one of them ([`crate::check`] explains
+    /// which) is marked faulted in its record, durably, before the pool is
+    /// served, and the others serve as before. [`Pool::check`] rewrites the
+    /// damaged headers.
     pub fn import(path: &Path) -> Result<Arc<Pool>> {
         let md = MdFile::open(path, true)?;
         md.lock(true, LOCK_WAIT)?;
-        let l = load(&md)?;
+        let mut l = load(&md)?;
+        let group_damage: Vec<Damage> = l
+            .damage
+            .iter()
+            .filter(|d| d.location.offset >= DATA_START)
+            .cloned()
+            .collect();
+        l.damage.retain(|d| d.location.offset < DATA_START);
         if let Some(d) = l.damage.first() {
             return Err(PoolError::Corrupt {
                 location: d.location.clone(),
@@ -201,6 +239,27 @@ impl Pool {
         for &p in r.orphaned.iter().chain(&r.leaked) {
             entries[p as usize] = Entry::FREE;
         }
+        let suspects = suspects(&l, &r);
+        for d in &group_damage {
+            tracing::error!(path = ?path, location = %d.location, reason = %d.reason, "damaged cluster group header; its clusters are set aside");
+        }
+        for &g in &l.damaged_groups {
+            let start = (g * GROUP_CLUSTERS) as usize;
+            let end = (start + GROUP_CLUSTERS as usize).min(entries.len());
+            entries[start..end].fill(LOST);
+        }
+        let mut marked = false;
+        for &s in &suspects {
+            if let Some(rec) = l.records[s as usize].as_mut().filter(|r| !r.faulted) {
+                rec.faulted = true;
+                md.write(replica_offset(s), &rec.encode())?;
+                marked = true;
+                tracing::error!(path = ?path, replica = %rec.uuid, "replica may have lost clusters to a damaged group header; marked faulted");
+            }
+        }
+        if marked {
+            md.sync()?;
+        }
         if !r.leaked.is_empty() {
             tracing::warn!(path = ?path, clusters = r.leaked.len(), "reclaimed clusters beyond their replica's size");
         }
@@ -218,6 +277,9 @@ impl Pool {
                     rec.size,
                     rec.thin,
                 );
+                if rec.faulted {
+                    rep.set_faulted();
+                }
                 by_slot.insert(s as u32, rep.clone());
                 replicas.insert(rec.uuid, rep);
             }
@@ -236,6 +298,7 @@ impl Pool {
             ctl: Mutex::new(Ctl {
                 records: l.records,
                 replicas,
+                damaged_groups: group_damage,
             }),
         }))
     }
@@ -278,6 +341,67 @@ impl Pool {
             cluster_size: self.shared.cluster_size,
             replicas: ctl.replicas.len(),
         }
+    }
+
+    /// Reports the damaged group headers found at import and the faulted
+    /// replicas; with `repair`, rewrites each damaged header with every
+    /// entry free (flushed) and returns its clusters to the free list. The
+    /// faulted replicas were recorded so at import, before this, so nothing
+    /// a repaired header frees is reachable from a replica that serves I/O:
+    /// they stay faulted until destroyed.
+    pub fn check(&self, repair: bool) -> Result<PoolCheck> {
+        let mut ctl = self.lock_ctl()?;
+        let faulted_replicas = ctl
+            .replicas
+            .values()
+            .filter(|r| r.is_faulted())
+            .map(|r| r.uuid())
+            .collect();
+        if !repair || ctl.damaged_groups.is_empty() {
+            return Ok(PoolCheck {
+                damaged: ctl.damaged_groups.clone(),
+                repaired: Vec::new(),
+                faulted_replicas,
+            });
+        }
+        let damaged = std::mem::take(&mut ctl.damaged_groups);
+        let cs = self.shared.cluster_size;
+        let mut result = Ok(());
+        let mut repaired = Vec::new();
+        for d in damaged {
+            let g = (d.location.offset - DATA_START) / (MD_BLOCK + u64::from(cs) * GROUP_CLUSTERS);
+            if result.is_ok() && group_offset(cs, g) == d.location.offset {
+                self.shared.md_writes.fetch_add(1, SeqCst);
+                result = self
+                    .shared
+                    .md
+                    .write(d.location.offset, &encode_group(g, &self.shared.uuid, &[]))
+                    .and_then(|()| self.shared.md.sync());
+                if result.is_ok() {
+                    let mut a = self.shared.lock_alloc();
+                    let start = g * GROUP_CLUSTERS;
+                    let end = (start + GROUP_CLUSTERS).min(a.entries.len() as u64);
+                    for p in start..end {
+                        a.entries[p as usize] = Entry::FREE;
+                    }
+                    // Lowest first: the free list pops from its end.
+                    let mut free: Vec<u64> = (start..end).rev().collect();
+                    free.append(&mut a.free);
+                    a.free = free;
+                    drop(a);
+                    tracing::info!(pool = %self.shared.name, location = %d.location, "damaged group header rewritten");
+                    repaired.push(d);
+                    continue;
+                }
+            }
+            ctl.damaged_groups.push(d);
+        }
+        result?;
+        Ok(PoolCheck {
+            damaged: ctl.damaged_groups.clone(),
+            repaired,
+            faulted_replicas,
+        })
     }
 
     /// Every replica.
@@ -358,6 +482,7 @@ impl Pool {
             name: req.name.clone(),
             size: req.size,
             thin: req.thin,
+            faulted: false,
         };
         if let Err(e) = self.write_record(slot, &rec) {
             self.unreserve(&reserved);

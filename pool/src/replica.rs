@@ -39,6 +39,8 @@ pub struct ReplicaInfo {
     /// Size in bytes.
     pub size: u64,
     pub thin: bool,
+    /// See [`Replica::is_faulted`].
+    pub faulted: bool,
     /// Bytes of pool space the replica holds.
     pub allocated: u64,
     pub pool_uuid: Uuid,
@@ -131,6 +133,9 @@ pub struct Replica {
     epoch: AtomicU64,
     grace_lock: AtomicBool,
     chans: Mutex<Chans>,
+    /// Its data cannot be trusted (see [`crate::Pool::import`]): every I/O
+    /// fails with `Unavailable`.
+    faulted: AtomicBool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -170,6 +175,7 @@ impl Replica {
             epoch: AtomicU64::new(0),
             grace_lock: AtomicBool::new(false),
             chans: Mutex::new(Chans::default()),
+            faulted: AtomicBool::new(false),
         })
     }
 
@@ -191,12 +197,23 @@ impl Replica {
     }
 
     /// Identity, size and space held.
+    pub(crate) fn set_faulted(&self) {
+        self.faulted.store(true, SeqCst);
+    }
+
+    /// Whether the replica may have lost data with a damaged group header:
+    /// it serves no I/O; rebuild it elsewhere from its peers.
+    pub fn is_faulted(&self) -> bool {
+        self.faulted.load(SeqCst)
+    }
+
     pub fn replica_info(&self) -> ReplicaInfo {
         ReplicaInfo {
             uuid: self.uuid,
             name: self.name.clone(),
             size: self.size(),
             thin: self.thin,
+            faulted: self.is_faulted(),
             allocated: self.allocated_bytes(),
             pool_uuid: self.shared.uuid,
             pool_name: self.shared.name.clone(),
@@ -410,6 +427,14 @@ impl ReplicaChannel {
     }
 
     fn base(&self) -> Result<Rc<DevChannel>, BdevError> {
+        if self.r.is_faulted() {
+            return Err(BdevError::Unavailable {
+                reason: format!(
+                    "replica {} is faulted: a damaged pool group header may have held its clusters",
+                    self.r.uuid
+                ),
+            });
+        }
         Ok(self.base.clone())
     }
 

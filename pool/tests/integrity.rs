@@ -113,23 +113,135 @@ fn both_superblock_copies_damaged_is_an_error() {
     ));
 }
 
-#[test]
-fn damaged_cluster_group_is_detected_with_its_location() {
-    let (tp, _) = written_pool();
-    let g0 = group_offset(CS, 0);
-    // Flip a byte inside the first entry (owner of cluster 0).
-    let copy = damaged_copy(&tp, |f| flip(f, g0 + 33));
-    match Pool::import(&copy) {
-        Err(PoolError::Corrupt { location, reason }) => {
-            assert_eq!(location.offset, g0);
-            assert!(location.what.contains("cluster group 0"));
-            assert!(reason.contains("checksum"));
-        }
-        other => panic!("expected Corrupt, got {other:?}"),
+/// Reads every replica in `good` and counts the bytes that differ from what
+/// was written to it (`seed` per replica).
+fn changed_bytes(pool: &Pool, good: &[(uuid::Uuid, u64, u64)]) -> usize {
+    let mut changed = 0;
+    for &(u, size, seed) in good {
+        let r = pool.replica(u).unwrap();
+        let got = on_reactor(async {
+            let ch = channel(&r);
+            read(&*ch, 0, size as usize).await
+        });
+        let want = pattern(size as usize, seed);
+        changed += got.iter().zip(&want).filter(|(a, b)| a != b).count();
     }
+    changed
+}
+
+/// One damaged group header no longer takes the pool down: it imports, the
+/// replicas that may have owned the group's clusters are faulted (durably:
+/// also after a repair and another import) and fail I/O, every other
+/// replica serves its data unchanged, and `Pool::check` reports the header
+/// and rewrites it.
+#[test]
+fn damaged_cluster_group_faults_only_the_replicas_it_may_have_covered() {
+    let tp = TestPool::file(32 * MIB);
+    let pool = tp.create(CS);
+    // Group 0 holds clusters 0..127, group 1 127..254.
+    let a = pool.create_replica(thick("a", 2 * MIB)).unwrap(); // 0..32
+    let e = pool.create_replica(thick("e", 2 * MIB)).unwrap(); // 32..64
+    let b = pool.create_replica(thin("b", 4 * MIB)).unwrap();
+    let c = pool.create_replica(thin("c", 4 * MIB)).unwrap();
+    on_reactor(async {
+        write(&*channel(&a), 0, &pattern(2 * MIB as usize, 1))
+            .await
+            .unwrap();
+        write(&*channel(&e), 0, &pattern(2 * MIB as usize, 2))
+            .await
+            .unwrap();
+        write(&*channel(&b), 0, &pattern(3 * CS as usize, 3))
+            .await
+            .unwrap(); // 64..67
+    });
+    let d = pool.create_replica(thick("d", 8 * MIB)).unwrap(); // 67..195
+    let ids = [a.uuid(), e.uuid(), b.uuid(), c.uuid(), d.uuid()];
+    drop((a, e, b, c, d));
+    pool.export().unwrap();
+    drop(pool);
+    let g1 = group_offset(CS, 1);
+    let copy = damaged_copy(&tp, |f| flip(f, g1 + 40));
+    let [a, e, b, c, d] = ids;
+    let mut faulted = vec![b, c, d];
+    faulted.sort();
+
+    // The offline checker says the same before anything is changed.
     let report = check(&copy).unwrap();
-    assert!(!report.is_clean());
-    assert_eq!(report.damaged[0].location.offset, g0);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].location.offset, g1);
+    let mut got = report.faulted_replicas.clone();
+    got.sort();
+    assert_eq!(got, faulted);
+
+    let pool = Pool::import(&copy).expect("a damaged group header must not refuse import");
+    let good = [(a, 2 * MIB, 1), (e, 2 * MIB, 2)];
+    let lost = changed_bytes(&pool, &good);
+    println!("acknowledged bytes lost or changed on healthy replicas: {lost}");
+    assert_eq!(lost, 0);
+    for u in ids {
+        let r = pool.replica(u).unwrap();
+        assert_eq!(r.is_faulted(), faulted.contains(&u), "replica {u}");
+        assert_eq!(r.replica_info().faulted, faulted.contains(&u));
+        if faulted.contains(&u) {
+            let res = on_reactor(async {
+                let ch = channel(&r);
+                let (res, _) = ch.read(0, cairn_bdev::IoBuf::zeroed(4096)).await;
+                res
+            });
+            assert!(
+                matches!(res, Err(BdevError::Unavailable { .. })),
+                "faulted replica {u} served a read: {res:?}"
+            );
+        }
+    }
+    let before = pool.info().used;
+    let chk = pool.check(false).unwrap();
+    assert_eq!(chk.damaged.len(), 1);
+    assert_eq!(chk.damaged[0].location.offset, g1);
+    assert!(chk.repaired.is_empty());
+    let mut got = chk.faulted_replicas.clone();
+    got.sort();
+    assert_eq!(got, faulted);
+
+    let chk = pool.check(true).unwrap();
+    assert!(chk.damaged.is_empty(), "{chk:?}");
+    assert_eq!(chk.repaired.len(), 1);
+    assert_eq!(chk.repaired[0].location.offset, g1);
+    // The group's clusters are free again (D's mapped ones stay D's).
+    assert!(pool.info().used < before);
+    assert!(pool.check(true).unwrap().repaired.is_empty());
+    // New writes may take the repaired group's clusters.
+    let f = pool.create_replica(thick("f", 4 * MIB)).unwrap();
+    on_reactor(async {
+        write(&*channel(&f), 0, &pattern(4 * MIB as usize, 6))
+            .await
+            .unwrap();
+    });
+    let fu = f.uuid();
+    drop(f);
+    pool.export().unwrap();
+    drop(pool);
+
+    let report = check(&copy).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let mut got = report.faulted_replicas.clone();
+    got.sort();
+    assert_eq!(got, faulted, "the fault survives the repair");
+    let pool = Pool::import(&copy).unwrap();
+    assert!(pool.check(false).unwrap().damaged.is_empty());
+    for u in ids {
+        assert_eq!(pool.replica(u).unwrap().is_faulted(), faulted.contains(&u));
+    }
+    let good = [(a, 2 * MIB, 1), (e, 2 * MIB, 2), (fu, 4 * MIB, 6)];
+    let lost = changed_bytes(&pool, &good);
+    println!("after repair and import, bytes lost or changed: {lost}");
+    assert_eq!(lost, 0);
+    // A faulted replica is destroyed as usual (its peers rebuild it elsewhere).
+    for u in faulted {
+        pool.destroy_replica(u).unwrap();
+    }
+    pool.export().unwrap();
+    assert!(check(&copy).unwrap().faulted_replicas.is_empty());
     // The original is untouched and clean.
     assert!(check(tp.path()).unwrap().is_clean());
 }

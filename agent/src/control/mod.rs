@@ -239,6 +239,26 @@ impl Control {
             })
     }
 
+    /// Asks `node`'s engine to check (and with `repair`, repair) its pool
+    /// `pool`.
+    pub async fn check_pool(
+        &self,
+        node: &str,
+        pool: &str,
+        repair: bool,
+    ) -> Result<cairn_proto::engine::v1::CheckPoolResponse, ControlError> {
+        let n = self.node(node).await?;
+        let mut engine = self.engine(&n)?;
+        let r = engine
+            .check_pool(cairn_proto::engine::v1::CheckPoolRequest {
+                name: pool.to_owned(),
+                repair,
+            })
+            .await
+            .map_err(engine_err(node))?;
+        Ok(r.into_inner())
+    }
+
     /// A volume by id.
     pub async fn volume(&self, id: &str) -> Result<VolumeSpec, ControlError> {
         self.load::<VolumeSpec>(id)

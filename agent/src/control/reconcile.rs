@@ -7,8 +7,12 @@
 //! ```text
 //!  Creating/Deleting for longer than stale_op_after  -> finish (or undo) it
 //!  Ready:
-//!   1. replica on a dead node, or dropped by the
-//!      nexus health record                            -> healthy = false
+//!   1. replica on a dead node, dropped by the nexus
+//!      health record, or faulted by its own pool
+//!      (ListReplicas FAULTED: it may have lost data)  -> healthy = false;
+//!                                                        a pool-faulted one is
+//!                                                        lost: never brought
+//!                                                        back, replaced at once
 //!   2. the nexus (published, or a temporary rebuild one):
 //!      child FAULTED                                  -> healthy = false
 //!        its node back within replace_after, with a
@@ -135,6 +139,8 @@ struct View {
     /// Each node's nexuses, listed once per round on first use (one call
     /// per node, not one per volume).
     nexuses: std::sync::Mutex<HashMap<String, std::sync::Arc<Vec<pb::Nexus>>>>,
+    /// Each node's replicas that its pools faulted, listed the same way.
+    pool_faulted: std::sync::Mutex<HashMap<String, std::sync::Arc<HashSet<String>>>>,
 }
 
 impl View {
@@ -160,6 +166,19 @@ impl View {
 fn retire(r: &mut ReplicaSpec, now: i64) {
     r.healthy = false;
     r.unhealthy_since = now;
+}
+
+/// Retires the replicas in `lost` (faulted by their own pool); returns how
+/// many were healthy.
+fn retire_lost(vol: &mut VolumeSpec, lost: &HashSet<String>, now: i64) -> usize {
+    let mut n = 0;
+    for r in vol.replicas.iter_mut().filter(|r| lost.contains(&r.uuid)) {
+        if r.healthy {
+            retire(r, now);
+            n += 1;
+        }
+    }
+    n
 }
 
 fn local_uri(uuid: &str) -> String {
@@ -257,14 +276,15 @@ fn finish_rebuilds(vol: &mut VolumeSpec, healthy: &[String]) -> Vec<String> {
     old
 }
 
-/// Replicas to replace: unhealthy for `replace_after` seconds or on a dead
-/// node, not being rebuilt, not already being replaced, and not brought
-/// back this round.
+/// Replicas to replace: unhealthy for `replace_after` seconds, on a dead
+/// node or `lost` (their pool faulted them), not being rebuilt, not already
+/// being replaced, and not brought back this round.
 fn due_for_replacement(
     vol: &VolumeSpec,
     now: i64,
     replace_after: i64,
     dead: impl Fn(&str) -> bool,
+    lost: &HashSet<String>,
     skip: &HashSet<String>,
 ) -> Vec<String> {
     let replaced: HashSet<&str> = vol
@@ -279,7 +299,9 @@ fn due_for_replacement(
                 && !r.rebuilding
                 && !replaced.contains(r.uuid.as_str())
                 && !skip.contains(&r.uuid)
-                && (now.saturating_sub(r.unhealthy_since) >= replace_after || dead(&r.node))
+                && (now.saturating_sub(r.unhealthy_since) >= replace_after
+                    || dead(&r.node)
+                    || lost.contains(&r.uuid))
         })
         .map(|r| r.uuid.clone())
         .collect()
@@ -320,6 +342,7 @@ impl Control {
             online,
             dead,
             nexuses: Default::default(),
+            pool_faulted: Default::default(),
         };
         let ids: Vec<String> = match self.volumes().await {
             Ok(v) => v.into_iter().map(|v| v.id).collect(),
@@ -385,6 +408,50 @@ impl Control {
         Ok(listed.iter().find(|n| n.uuid == id).cloned())
     }
 
+    /// The replicas `node`'s pools faulted, as its engine listed them this
+    /// round (none when the listing fails: the node's nexus faults a child
+    /// that fails I/O anyway).
+    async fn pool_faulted_on(
+        &self,
+        view: &View,
+        node: &NodeRecord,
+    ) -> std::sync::Arc<HashSet<String>> {
+        let cached = view
+            .pool_faulted
+            .lock()
+            .expect("poisoned")
+            .get(&node.id)
+            .cloned();
+        if let Some(c) = cached {
+            return c;
+        }
+        let listed = match self.engine(node) {
+            Ok(mut e) => e
+                .list_replicas(pb::ListReplicasRequest::default())
+                .await
+                .map(|r| r.into_inner().replicas)
+                .map_err(|s| s.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let set: HashSet<String> = match listed {
+            Ok(reps) => reps
+                .into_iter()
+                .filter(|r| r.state == pb::ReplicaState::Faulted as i32)
+                .map(|r| r.uuid)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "listing replicas failed");
+                HashSet::new()
+            }
+        };
+        let set = std::sync::Arc::new(set);
+        view.pool_faulted
+            .lock()
+            .expect("poisoned")
+            .insert(node.id.clone(), set.clone());
+        set
+    }
+
     async fn reconcile_volume(
         &self,
         id: &str,
@@ -430,11 +497,33 @@ impl Control {
             None => (None, 0),
         };
 
-        // 1. Dead nodes and the health record retire replicas; a
-        // replacement whose node died is dropped (placed again later). A
-        // node away for a blip retires nothing by itself: a nexus that
-        // writes while it is away faults the child and records that.
+        // Replicas their own pool faulted (a damaged group header may have
+        // held their clusters) are lost, like a dead node's.
+        let mut lost: HashSet<String> = HashSet::new();
+        let replica_nodes: HashSet<String> = vol.replicas.iter().map(|r| r.node.clone()).collect();
+        for n in &replica_nodes {
+            if let Some(node) = view.online_node(n) {
+                let faulted = self.pool_faulted_on(view, node).await;
+                lost.extend(
+                    vol.replicas
+                        .iter()
+                        .filter(|r| &r.node == n && faulted.contains(&r.uuid))
+                        .map(|r| r.uuid.clone()),
+                );
+            }
+        }
+
+        // 1. Dead nodes, the health record and faulting pools retire
+        // replicas; a replacement whose node died is dropped (placed again
+        // later). A node away for a blip retires nothing by itself: a nexus
+        // that writes while it is away faults the child and records that.
         let mut changed = false;
+        let n = retire_lost(&mut vol, &lost, now);
+        if n > 0 {
+            tracing::warn!(volume = %id, replicas = ?lost, "replicas faulted by their pool marked unhealthy");
+            rep.marked_unhealthy += n;
+            changed = true;
+        }
         let before = vol.replicas.len();
         vol.replicas
             .retain(|r| !(r.rebuilding && r.replaces.is_some() && view.is_dead(&r.node)));
@@ -500,7 +589,7 @@ impl Control {
         let ChildAssessment {
             uri_of,
             mut remove_uris,
-            became_healthy,
+            mut became_healthy,
             mut drop_uuids,
             faulted_back,
             marked,
@@ -508,6 +597,32 @@ impl Control {
             Some((_, nx)) => assess_children(&mut vol, &nx.children, |n| view.is_online(n), now),
             None => ChildAssessment::default(),
         };
+        // A child whose pool faulted it may look healthy to its nexus until
+        // it fails an I/O: it never becomes healthy again, and the nexus is
+        // told to fault it now.
+        became_healthy.retain(|u| !lost.contains(u));
+        if let Some((node, nx)) = &nexus {
+            for c in nx.children.iter().filter(|c| {
+                c.state != pb::ChildState::Faulted as i32
+                    && replica_of_child_uri(&c.uri).is_some_and(|u| lost.contains(u))
+            }) {
+                let faulted = match self.engine(node) {
+                    Ok(mut e) => e
+                        .fault_child(pb::FaultChildRequest {
+                            uuid: id.to_owned(),
+                            uri: c.uri.clone(),
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = faulted {
+                    rep.errors
+                        .push(format!("volume {id}: fault child {}: {e}", c.uri));
+                }
+            }
+        }
         rep.marked_unhealthy += marked;
         changed |= marked > 0 || !drop_uuids.is_empty();
         let mut retired: Vec<ReplicaSpec> = Vec::new();
@@ -576,6 +691,9 @@ impl Control {
         let mut onlined: HashSet<String> = HashSet::new();
         if let Some((node, _)) = &nexus {
             for (u, uri, dirty) in &faulted_back {
+                if lost.contains(u) {
+                    continue;
+                }
                 let recent = vol
                     .replicas
                     .iter()
@@ -591,7 +709,14 @@ impl Control {
             .replicas
             .iter()
             .any(|r| r.healthy && view.is_online(&r.node));
-        let due = due_for_replacement(&vol, now, replace_after, |n| view.is_dead(n), &onlined);
+        let due = due_for_replacement(
+            &vol,
+            now,
+            replace_after,
+            |n| view.is_dead(n),
+            &lost,
+            &onlined,
+        );
         let mut full_online: Vec<String> = Vec::new();
         if has_source {
             for old in due {
@@ -622,7 +747,9 @@ impl Control {
                         let Some(r) = vol.replicas.iter_mut().find(|r| r.uuid == old) else {
                             continue;
                         };
-                        if !view.is_online(&r.node) {
+                        // A replica its pool faulted cannot be rebuilt in
+                        // place: it fails every I/O.
+                        if !view.is_online(&r.node) || lost.contains(&old) {
                             continue;
                         }
                         if uri_of.contains_key(&old) {
@@ -1051,23 +1178,43 @@ mod tests {
         b.unhealthy_since = 100;
         let mut v = vol(vec![replica(A, "n1"), b]);
         let none = HashSet::new();
-        assert!(due_for_replacement(&v, 105, 10, |_| false, &none).is_empty());
+        assert!(due_for_replacement(&v, 105, 10, |_| false, &none, &none).is_empty());
         assert_eq!(
-            due_for_replacement(&v, 110, 10, |_| false, &none),
+            due_for_replacement(&v, 110, 10, |_| false, &none, &none),
             vec![B.to_owned()]
         );
         assert_eq!(
-            due_for_replacement(&v, 101, 10, |n| n == "n2", &none),
+            due_for_replacement(&v, 101, 10, |n| n == "n2", &none, &none),
             vec![B.to_owned()]
         );
         // Brought back this round, or already being replaced: not due.
         let skip = HashSet::from([B.to_owned()]);
-        assert!(due_for_replacement(&v, 110, 10, |_| false, &skip).is_empty());
+        assert!(due_for_replacement(&v, 110, 10, |_| false, &none, &skip).is_empty());
         let mut c = replica(C, "n3");
         c.healthy = false;
         c.rebuilding = true;
         c.replaces = Some(B.into());
         v.replicas.push(c);
-        assert!(due_for_replacement(&v, 500, 10, |_| true, &none).is_empty());
+        assert!(due_for_replacement(&v, 500, 10, |_| true, &none, &none).is_empty());
+    }
+
+    #[test]
+    fn a_replica_its_pool_faulted_is_retired_and_replaced_at_once() {
+        let mut v = vol(vec![replica(A, "n1"), replica(B, "n2")]);
+        let lost = HashSet::from([B.to_owned()]);
+        let none = HashSet::new();
+        assert_eq!(retire_lost(&mut v, &lost, 100), 1);
+        assert!(v.replicas[0].healthy);
+        assert!(!v.replicas[1].healthy);
+        assert_eq!(v.replicas[1].unhealthy_since, 100);
+        // Already retired: nothing new.
+        assert_eq!(retire_lost(&mut v, &lost, 101), 0);
+        // Its node is up and it was unhealthy for no time at all, yet it is
+        // due: it will never serve again.
+        assert_eq!(
+            due_for_replacement(&v, 100, 600, |_| false, &lost, &none),
+            vec![B.to_owned()]
+        );
+        assert!(due_for_replacement(&v, 100, 600, |_| false, &none, &none).is_empty());
     }
 }

@@ -34,7 +34,7 @@ enum Cmd {
     Node(ListOnly),
     /// Pools on every node.
     #[command(subcommand)]
-    Pool(ListOnly),
+    Pool(PoolCmd),
     /// Replicas on every node.
     #[command(subcommand)]
     Replica(ListOnly),
@@ -68,6 +68,23 @@ enum BenchCmd {
         /// Rounds (setups alternate within each; the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCmd {
+    /// List them.
+    List,
+    /// Report a pool's damaged metadata and faulted replicas (exits non-zero
+    /// while damage remains); with --repair, rewrite the damaged blocks.
+    Check {
+        /// The node whose engine holds the pool.
+        #[arg(long)]
+        node: String,
+        /// The pool's name.
+        pool: String,
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -324,7 +341,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             t.print(cli.json);
         }
-        Cmd::Pool(ListOnly::List) => {
+        Cmd::Pool(PoolCmd::Check { node, pool, repair }) => {
+            let c = ctl
+                .check_pool(apb::CheckPoolRequest {
+                    node: node.clone(),
+                    pool: pool.clone(),
+                    repair,
+                })
+                .await
+                .with_context(|| format!("checking pool {pool} on {node}"))?
+                .into_inner();
+            let mut t = Table::new(&["block", "offset", "state", "reason"]);
+            for (d, state) in c
+                .damaged
+                .iter()
+                .map(|d| (d, "damaged"))
+                .chain(c.repaired.iter().map(|d| (d, "repaired")))
+            {
+                t.row(vec![
+                    d.what.clone().into(),
+                    d.offset.into(),
+                    state.into(),
+                    d.reason.clone().into(),
+                ]);
+            }
+            for r in &c.faulted_replicas {
+                t.row(vec![
+                    format!("replica {r}").into(),
+                    Value::Null,
+                    "faulted".into(),
+                    "may have lost data; rebuilt from its peers".into(),
+                ]);
+            }
+            t.print(cli.json);
+            if !c.damaged.is_empty() {
+                anyhow::bail!(
+                    "pool {pool} on {node}: {} damaged blocks remain (--repair rewrites them)",
+                    c.damaged.len()
+                );
+            }
+        }
+        Cmd::Pool(PoolCmd::List) => {
             let nodes = ctl
                 .list_nodes(apb::ListNodesRequest {})
                 .await?
@@ -353,6 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "size",
                 "thin",
                 "allocated",
+                "state",
                 "shared",
             ]);
             for (node, mut e) in engines(&mut ctl).await? {
@@ -370,6 +428,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         human_bytes(r.size_bytes).into(),
                         r.thin.into(),
                         human_bytes(r.allocated_bytes).into(),
+                        epb::ReplicaState::try_from(r.state)
+                            .map(|s| s.as_str_name().trim_start_matches("REPLICA_STATE_"))
+                            .unwrap_or("UNKNOWN")
+                            .to_ascii_lowercase()
+                            .into(),
                         if r.share_nqn.is_empty() {
                             Value::Null
                         } else {

@@ -2,10 +2,12 @@
 //! command capsules, R2T and H2CData for writes, C2HData for reads, and the
 //! termination request on a fatal transport error.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use cairn_bdev::{IoBuf, IoChannel};
@@ -27,8 +29,6 @@ use super::{ConnHandle, Shared};
 
 /// In-capsule data the admin queue accepts (the Linux host sends up to 8 KiB).
 const ADMIN_INCAPSULE: u32 = 8192;
-/// Outstanding asynchronous event requests per controller (AERL + 1).
-const MAX_AERS: usize = 4;
 /// Most DSM ranges a command may carry.
 const MAX_DSM_RANGES: u32 = 256;
 
@@ -64,6 +64,8 @@ struct IoCtx {
     layout: TxLayout,
     qid: u16,
     ns: Vec<NsChan>,
+    /// The controller, for its volatile write cache setting.
+    ctrl: Arc<Controller>,
 }
 
 impl IoCtx {
@@ -167,6 +169,8 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
             }
         }
         Op::Write { ns, lba, buf, fua } => {
+            // With the volatile write cache off every write is FUA.
+            let fua = fua || ctx.ctrl.write_through();
             let (r, buf) = ctx.ns[ns].chan.write(lba, buf, fua).await;
             ctx.pool.put(buf);
             (
@@ -200,7 +204,10 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
             (st, None)
         }
         Op::Zeroes { ns, lba, blocks } => {
-            let r = ctx.ns[ns].chan.write_zeroes(lba, blocks).await;
+            let mut r = ctx.ns[ns].chan.write_zeroes(lba, blocks).await;
+            if r.is_ok() && ctx.ctrl.write_through() {
+                r = ctx.ns[ns].chan.flush().await;
+            }
             (
                 r.map_or_else(|e| bdev_status(&e), |()| Status::SUCCESS),
                 None,
@@ -216,6 +223,11 @@ async fn exec(ctx: Rc<IoCtx>, cid: u16, sqhd: u16, op: Op) {
                 {
                     st = bdev_status(&e);
                     break;
+                }
+            }
+            if st == Status::SUCCESS && ctx.ctrl.write_through() {
+                if let Err(e) = ctx.ns[ns].chan.flush().await {
+                    st = bdev_status(&e);
                 }
             }
             (st, None)
@@ -262,7 +274,6 @@ struct Queue {
     sqhd: u16,
     pending: Vec<Option<Pending>>,
     free_ttags: Vec<u16>,
-    aers: Vec<u16>,
 }
 
 /// Serves one connection until it closes.
@@ -292,7 +303,6 @@ pub(crate) async fn serve(
         sqhd: 0,
         pending: Vec::new(),
         free_ttags: Vec::new(),
-        aers: Vec::new(),
     };
     let mut rx = RxBuf::new();
     let end = q.run(&mut rd, &mut rx).await;
@@ -497,16 +507,18 @@ impl Queue {
             }
             State::Admin(ctrl) => {
                 let ctrl = ctrl.clone();
+                ctrl.admin_sqhd.store(sqhd, Ordering::Release);
                 match cmd {
                     Command::Connect(_) => {
                         self.reply(cid, sqhd, Reply::status(Status::COMMAND_SEQUENCE))
                     }
                     Command::AsyncEventRequest => {
-                        if self.aers.len() >= MAX_AERS {
+                        // Held until an event occurs or the queue closes.
+                        if !ctrl.hold_aer(cid) {
                             self.reply(cid, sqhd, Reply::status(Status::AER_LIMIT));
-                        } else {
-                            // Held until an event occurs or the queue closes.
-                            self.aers.push(cid);
+                        }
+                        for (cid, dw0) in ctrl.due_events(None) {
+                            self.reply(cid, sqhd, Reply::ok(u64::from(dw0)));
                         }
                     }
                     _ => {
@@ -869,12 +881,16 @@ impl Queue {
                     layout: self.layout,
                     qid: c.qid,
                     ns,
+                    ctrl: ctrl.clone(),
                 });
                 self.state = State::Io(ctrl, ctx);
             }
             None => {
                 if c.kato > 0 {
                     monoio::spawn(keep_alive_watch(ctrl.clone(), shared.clone()));
+                }
+                if ctrl.subsys.is_some() {
+                    monoio::spawn(deliver_events(ctrl.clone(), self.tx.clone(), self.layout));
                 }
                 self.state = State::Admin(ctrl);
             }
@@ -909,6 +925,43 @@ async fn read_digest(rd: &mut TcpOwnedReadHalf, rx: &mut RxBuf, data: &[u8]) -> 
     let want = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
     rx.consume(DIGEST_LEN);
     Ok(crc32c(data) == want)
+}
+
+/// Completes held Async Event Requests when a notice is raised from another
+/// thread (a namespace grew), until the controller dies.
+async fn deliver_events(ctrl: Arc<Controller>, tx: TxQueue, layout: TxLayout) {
+    loop {
+        let due = poll_fn(|cx| {
+            if ctrl.dead.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            let due = ctrl.due_events(Some(cx.waker()));
+            // Killed after the first check: its wake may have found no waker.
+            if ctrl.dead.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            if due.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(due))
+            }
+        })
+        .await;
+        let Some(due) = due else { return };
+        if tx.failed() {
+            return;
+        }
+        for (cid, dw0) in due {
+            let cqe = Cqe {
+                result: u64::from(dw0),
+                sqhd: ctrl.admin_sqhd.load(Ordering::Acquire),
+                sqid: 0,
+                cid,
+                status: Status::SUCCESS,
+            };
+            respond(&tx, &layout, cqe, None);
+        }
+    }
 }
 
 /// Drops the controller when no admin command arrives for KATO.

@@ -2,10 +2,11 @@
 //! keep-alive), shared by its admin queue and I/O queues, and the admin
 //! command set, as plain synchronous functions over that state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 
 use cairn_nvmf::cmd::{prop, Command};
 use cairn_nvmf::identify::{self as id, cns, fid, lid};
@@ -23,6 +24,34 @@ const MAX_LOG_LEN: u32 = 1 << 20;
 /// CAP.TO: worst-case ready time in 500 ms units.
 const CAP_TIMEOUT: u64 = 15;
 
+/// Outstanding asynchronous event requests per controller (AERL + 1).
+pub(crate) const MAX_AERS: usize = 4;
+
+/// Async Event Configuration bit enabling namespace attribute notices.
+const AEC_NS_ATTR: u32 = 1 << 8;
+
+/// A controller's asynchronous events: the host's outstanding Async Event
+/// Requests and the notice waiting for one.
+///
+/// A namespace that changes (it grew) joins `changed` and, when the host
+/// enabled namespace attribute notices, makes a notice pending. A pending
+/// notice completes the oldest AER; then notices are masked until the host
+/// reads the Changed Namespace List without Retain Asynchronous Event, which
+/// clears the list, as the specification orders (the Linux host reads it
+/// after each notice and then rescans every namespace).
+#[derive(Default)]
+struct Events {
+    /// Command ids of outstanding AERs, oldest first.
+    aers: VecDeque<u16>,
+    /// Namespaces changed since the host last cleared the log.
+    changed: Vec<u32>,
+    notice_pending: bool,
+    notice_masked: bool,
+    /// The admin queue's event task, woken when a notice is raised from
+    /// another thread.
+    waker: Option<Waker>,
+}
+
 pub(crate) struct Controller {
     pub cntlid: u16,
     /// None for a discovery controller.
@@ -34,7 +63,12 @@ pub(crate) struct Controller {
     aec: AtomicU32,
     /// Granted I/O queues (0: the host has not asked; the maximum applies).
     io_queues: AtomicU32,
+    /// Volatile write cache enabled (the host may turn it off: then every
+    /// write is durable before it completes).
     wce: AtomicBool,
+    events: Mutex<Events>,
+    /// The admin queue's submission queue head, for AER completions.
+    pub admin_sqhd: AtomicU16,
     /// Time of the last admin command, ms since the target's epoch.
     pub last_ms: AtomicU64,
     pub dead: AtomicBool,
@@ -56,7 +90,7 @@ impl Reply {
             data: None,
         }
     }
-    fn ok(result: u64) -> Self {
+    pub fn ok(result: u64) -> Self {
         Reply {
             status: Status::SUCCESS,
             result,
@@ -90,6 +124,8 @@ impl Controller {
             aec: AtomicU32::new(0),
             io_queues: AtomicU32::new(0),
             wce: AtomicBool::new(true),
+            events: Mutex::new(Events::default()),
+            admin_sqhd: AtomicU16::new(0),
             last_ms: AtomicU64::new(now_ms),
             dead: AtomicBool::new(false),
             queues: Mutex::new(HashMap::new()),
@@ -120,6 +156,86 @@ impl Controller {
         for q in queues {
             q.kill();
         }
+        self.wake_events();
+    }
+
+    fn events(&self) -> MutexGuard<'_, Events> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether writes must be durable before they complete: the host turned
+    /// the volatile write cache off.
+    pub fn write_through(&self) -> bool {
+        !self.wce.load(Ordering::Acquire)
+    }
+
+    /// Holds an Async Event Request; false when AERL are outstanding.
+    pub fn hold_aer(&self, cid: u16) -> bool {
+        let mut ev = self.events();
+        if ev.aers.len() >= MAX_AERS {
+            return false;
+        }
+        ev.aers.push_back(cid);
+        true
+    }
+
+    /// Records that namespace `nsid` changed and wakes the admin queue's
+    /// event task if a notice is due. Any thread.
+    pub fn namespace_changed(&self, nsid: u32) {
+        let enabled = self.aec.load(Ordering::Acquire) & AEC_NS_ATTR != 0;
+        let waker = {
+            let mut ev = self.events();
+            if !ev.changed.contains(&nsid) {
+                ev.changed.push(nsid);
+            }
+            if !enabled || ev.notice_masked {
+                return;
+            }
+            ev.notice_pending = true;
+            ev.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Completions due now, as `(cid, dword 0)`; with `waker`, registers it
+    /// for the next notice when none is due.
+    pub fn due_events(&self, waker: Option<&Waker>) -> Vec<(u16, u32)> {
+        let mut ev = self.events();
+        let mut out = Vec::new();
+        if ev.notice_pending {
+            if let Some(cid) = ev.aers.pop_front() {
+                ev.notice_pending = false;
+                ev.notice_masked = true;
+                out.push((cid, id::AEN_NS_ATTR_CHANGED));
+            }
+        }
+        if out.is_empty() {
+            if let Some(w) = waker {
+                ev.waker = Some(w.clone());
+            }
+        }
+        out
+    }
+
+    /// Wakes the event task so that it sees the controller is dead.
+    fn wake_events(&self) {
+        if let Some(w) = self.events().waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The Changed Namespace List; read without `rae` it is cleared and
+    /// notices are unmasked.
+    fn changed_ns_page(&self, rae: bool) -> Vec<u8> {
+        let mut ev = self.events();
+        let page = id::changed_ns_log(&ev.changed).to_vec();
+        if !rae {
+            ev.changed.clear();
+            ev.notice_masked = false;
+        }
+        page
     }
 
     pub fn ready(&self) -> bool {
@@ -301,18 +417,22 @@ impl Controller {
         shared: &Shared,
         local: SocketAddr,
         lid_v: u8,
+        rae: bool,
         len: u32,
         offset: u64,
     ) -> Reply {
+        if !offset.is_multiple_of(4) || len > MAX_LOG_LEN {
+            return Reply::status(Status::INVALID_FIELD);
+        }
         let page: Vec<u8> = match (lid_v, self.subsys.is_some()) {
             (lid::DISCOVERY, false) => self.discovery_page(shared, local),
             (lid::ERROR, _) => vec![0u8; 64],
             (lid::SMART, true) => id::smart_log(&id::HealthCounters::default()).to_vec(),
             (lid::FIRMWARE_SLOT, true) => id::firmware_log(FIRMWARE).to_vec(),
-            (lid::CHANGED_NS, true) => id::changed_ns_log(&[]).to_vec(),
+            (lid::CHANGED_NS, true) => self.changed_ns_page(rae),
             _ => return Reply::status(Status::INVALID_LOG_PAGE),
         };
-        if !offset.is_multiple_of(4) || offset > page.len() as u64 || len > MAX_LOG_LEN {
+        if offset > page.len() as u64 {
             return Reply::status(Status::INVALID_FIELD);
         }
         let start = offset as usize;
@@ -404,10 +524,11 @@ impl Controller {
             } => self.identify(shared, c, nsid, csi, subnqn),
             Command::GetLogPage {
                 lid: l,
+                rae,
                 len,
                 offset,
                 ..
-            } => self.log_page(shared, local, l, len, offset),
+            } => self.log_page(shared, local, l, rae, len, offset),
             Command::GetFeatures { .. } | Command::SetFeatures { .. } => self.features(shared, cmd),
             Command::KeepAlive => Reply::ok(0),
             // Commands complete too fast to abort: "not aborted".

@@ -27,7 +27,12 @@
 //! namespaces and, on the discovery controller, the discovery log (one
 //! entry per subsystem the host may connect to, plus the discovery
 //! subsystem itself, with the address the host reached us on). Async event
-//! requests are held, up to four.
+//! requests are held, up to four; when a namespace grows
+//! ([`Target::notice_resized`]) one completes with a namespace attribute
+//! notice, and the Changed Namespace List names the namespace until the host
+//! reads it. Set Features volatile write cache off makes every write of that
+//! controller FUA (and write zeroes and deallocate flushed) before it
+//! completes.
 //!
 //! Control calls ([`Target::add_subsystem`] and friends) may come from any
 //! thread. Removing a subsystem or a keep-alive timeout disconnects queues
@@ -198,6 +203,8 @@ pub(crate) struct Namespace {
     pub uuid: Uuid,
     pub device: Arc<dyn BlockDevice>,
     pub info: DeviceInfo,
+    /// The size hosts were last told of, in blocks.
+    pub noticed_blocks: AtomicU64,
 }
 
 pub(crate) struct Subsystem {
@@ -387,6 +394,7 @@ impl Target {
                 nsid: n.nsid,
                 uuid: n.uuid,
                 device: n.device,
+                noticed_blocks: AtomicU64::new(info.num_blocks),
                 info,
             });
         }
@@ -453,6 +461,44 @@ impl Target {
             c.kill();
         }
         Ok(())
+    }
+
+    /// Tells hosts of namespaces whose device changed size since the last
+    /// call (a nexus or a shared replica grew): every controller of the
+    /// subsystem records the namespace in its Changed Namespace List and
+    /// completes an Async Event Request with a namespace attribute notice
+    /// (if the host enabled them). Returns the namespaces that changed.
+    pub fn notice_resized(&self) -> usize {
+        let subs: Vec<Arc<Subsystem>> = self
+            .shared
+            .subsystems
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut changed = 0;
+        for sub in subs {
+            for n in &sub.namespaces {
+                let now = n.device.info().num_blocks;
+                if n.noticed_blocks.swap(now, Ordering::AcqRel) == now {
+                    continue;
+                }
+                changed += 1;
+                tracing::info!(nqn = %sub.nqn, nsid = n.nsid, blocks = now, "namespace resized, notifying hosts");
+                let ctrls: Vec<_> = sub
+                    .ctrls
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                for c in ctrls {
+                    c.namespace_changed(n.nsid);
+                }
+            }
+        }
+        changed
     }
 
     /// The exported subsystems, sorted by NQN.
