@@ -497,7 +497,9 @@ pub(crate) mod tests {
                 r.unwrap();
                 reads += 1;
             }
-            release.send(()).unwrap();
+            // (On a reactor that ran the discard itself, the hook has timed
+            // out and gone by now.)
+            let _ = release.send(());
             discard.await.unwrap();
             assert_eq!(reads, 64);
         });

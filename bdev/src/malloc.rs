@@ -77,6 +77,16 @@ pub fn get(name: &str) -> Option<Arc<MallocDisk>> {
     DISKS.lock().expect("poisoned").get(name).cloned()
 }
 
+/// The `malloc://` URI of the disk that `path` (from [`MallocDisk::path`])
+/// opens, if it is one.
+pub fn uri_of(path: &std::path::Path) -> Option<String> {
+    let disks = DISKS.lock().expect("poisoned");
+    disks
+        .values()
+        .find(|d| d.path() == path)
+        .map(|d| format!("malloc:///{}?size_mb={}", d.name, d.size >> 20))
+}
+
 /// Forgets the disk called `name`; its memory is freed once nothing has it
 /// open. Returns whether it existed.
 pub fn remove(name: &str) -> bool {
@@ -129,6 +139,10 @@ mod tests {
         let a = get_or_create("malloc-test-a", 4 << 20).unwrap();
         let again = get_or_create("malloc-test-a", 4 << 20).unwrap();
         assert_eq!(a.path(), again.path());
+        assert_eq!(
+            uri_of(&a.path()).as_deref(),
+            Some("malloc:///malloc-test-a?size_mb=4")
+        );
         assert!(get_or_create("malloc-test-a", 8 << 20).is_err());
         // Data written through one open of the path is read through another.
         let w = std::fs::OpenOptions::new()
