@@ -302,6 +302,16 @@ impl FileDevice {
         &self.inner.path
     }
 
+    /// Whether channels copy reads and writes inline rather than through
+    /// io_uring (see [`IoMode`]).
+    pub fn copies_inline(&self) -> bool {
+        match self.inner.io {
+            IoMode::Auto => is_memory_backed(&self.inner.file),
+            IoMode::Uring => false,
+            IoMode::Inline => true,
+        }
+    }
+
     /// Whether I/O bypasses the page cache.
     pub fn is_direct(&self) -> bool {
         self.inner.direct
