@@ -3,7 +3,7 @@
 //! as zeros; the pool exports and imports again with its data.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_bdev::uri::UriError;
 use cairn_bdev::{BlockDevice, IoBuf};
@@ -114,7 +114,18 @@ fn a_malloc_pool_serves_a_published_volume() {
 
     // Export and import again: the RAM disk keeps the pool and its data.
     engine.destroy_nexus(&volume.to_string()).unwrap();
-    engine.export_pool("ram").unwrap();
+    // The nexus's reactors close their replica channels after it is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match engine.export_pool("ram") {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not exported yet: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("export: {e}"),
+        }
+    }
     assert!(engine.pools().is_empty());
     let pool = engine.import_pool_uri(DISK).unwrap();
     assert_eq!(pool.name(), "ram");
