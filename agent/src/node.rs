@@ -17,7 +17,8 @@ use crate::model::{NodeRecord, PoolRecord};
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct PoolConfig {
     pub name: String,
-    /// Block device or file path.
+    /// Block device or file path, or a disk URI (`aio://`, `uring://`,
+    /// `malloc://`), passed to the engine as it is.
     pub device: String,
     /// For a file that does not exist yet: create it sparse with this size.
     #[serde(default)]

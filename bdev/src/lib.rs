@@ -9,12 +9,17 @@
 //!
 //! Backends: [`ram::RamDevice`] (tests and benchmarks) and
 //! [`file::FileDevice`] (a file or block device through io_uring with
-//! `O_DIRECT`). Pools, replicas and the nexus implement the same trait.
+//! `O_DIRECT`, or inline copies on tmpfs). Pools, replicas and the nexus
+//! implement the same trait. Disks are named by [`uri::DiskUri`]; RAM disks
+//! by name live in [`malloc`].
 
+pub mod blocking;
 pub mod buf;
 pub mod error;
 pub mod file;
+pub mod malloc;
 pub mod ram;
+pub mod uri;
 
 use std::future::Future;
 use std::pin::Pin;

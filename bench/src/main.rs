@@ -34,6 +34,8 @@ target:
   --hdr-digest, --data-digest   NVMe/TCP digests (with --nvmf)
   --lba SIZE          logical block size of the target: 512 (default) or 4k
   --buffered          do not use O_DIRECT
+  --file-io MODE      how the file is driven: auto (default: inline copies on
+                      tmpfs, io_uring elsewhere), uring, or inline
   --model PARAMS      put the SSD model in front: e.g. nvme, or
                       read_lat=80us,write_lat=20us,iops=200k,bw=2g,burst=32
 
@@ -95,6 +97,7 @@ struct Args {
     data_digest: bool,
     lba: Option<u64>,
     buffered: bool,
+    file_io: cairn_bdev::file::IoMode,
     model: Option<ModelParams>,
     patterns: Vec<String>,
     spec: JobSpec,
@@ -152,6 +155,7 @@ fn parse_args(raw: Vec<String>) -> anyhow::Result<Option<Args>> {
                 };
                 match key.as_str() {
                     "filename" => a.filename = Some(PathBuf::from(value)),
+                    "file-io" => a.file_io = value.parse().map_err(anyhow::Error::msg)?,
                     "ram" => a.ram = Some(parse_size(&value)?),
                     "nvmf" => a.nvmf = Some(value),
                     "nqn" => a.nqn = Some(value),
@@ -206,6 +210,7 @@ fn open_target(a: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
             let opts = FileOptions {
                 block_size,
                 direct: !a.buffered,
+                io: a.file_io,
             };
             let dev = if path.exists() {
                 FileDevice::open(path, opts)
@@ -220,13 +225,18 @@ fn open_target(a: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
             }
             .with_context(|| format!("opening {}", path.display()))?;
             let what = format!(
-                "{} ({}{})",
+                "{} ({}{}{})",
                 path.display(),
                 format_size(dev.info().size_bytes()),
                 if dev.is_direct() {
                     ", O_DIRECT"
                 } else {
                     ", buffered"
+                },
+                if dev.copies_inline() {
+                    ", inline copies"
+                } else {
+                    ", io_uring"
                 }
             );
             (Arc::new(dev), what)

@@ -32,6 +32,10 @@ pub struct SystemConfig {
     pub data_dir: PathBuf,
     /// Size of the pool file created on first start.
     pub pool_size: u64,
+    /// The pool's disk as a URI (a path, `aio://`, `uring://` or
+    /// `malloc:///NAME?size_mb=N`; see `cairn_bdev::uri`). Default: a file
+    /// `pool0.img` in the data directory.
+    pub pool_disk: Option<String>,
     pub nvmf_listen: SocketAddr,
     pub engine_listen: SocketAddr,
     pub agent_listen: SocketAddr,
@@ -60,6 +64,7 @@ impl SystemConfig {
         SystemConfig {
             data_dir,
             pool_size: 10 << 30,
+            pool_disk: None,
             nvmf_listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
             engine_listen: SocketAddr::from(([127, 0, 0, 1], 10124)),
             agent_listen: SocketAddr::from(([127, 0, 0, 1], 10125)),
@@ -165,7 +170,11 @@ impl System {
             Some(n) => n,
             None => host_nqn(&data_dir)?,
         };
-        let pool_path = data_dir.join("pool0.img");
+        let pool_disk = cfg
+            .pool_disk
+            .clone()
+            .unwrap_or_else(|| data_dir.join("pool0.img").display().to_string());
+        let pool_uri = cairn_bdev::uri::DiskUri::parse(&pool_disk).context("--pool-disk")?;
         let csi_socket = cfg
             .csi_socket
             .clone()
@@ -185,10 +194,13 @@ impl System {
             daemon::remote_opener(engine_cfg.host_nqn.clone()),
         )
         .context("starting the engine")?;
-        let size = if pool_path.exists() { 0 } else { cfg.pool_size };
-        if let Err(e) = engine.create_pool(POOL_NAME, &pool_path, size, 0) {
+        let size = match &pool_uri {
+            cairn_bdev::uri::DiskUri::Aio(p) if !p.exists() => cfg.pool_size,
+            _ => 0,
+        };
+        if let Err(e) = engine.create_pool_uri(POOL_NAME, &pool_disk, size, 0) {
             engine.shutdown();
-            return Err(e).with_context(|| format!("opening the pool on {}", pool_path.display()));
+            return Err(e).with_context(|| format!("opening the pool on {pool_disk}"));
         }
         let mut extra = Vec::new();
         for k in 1..=cfg.replica_nodes {
@@ -212,7 +224,7 @@ impl System {
             data_dir: data_dir.clone(),
             node_id: node_id.clone(),
             host_nqn: host_nqn.clone(),
-            pool_path,
+            pool_disk,
             engine_listen: cfg.engine_listen,
             agent_listen: cfg.agent_listen,
             csi_socket: csi_socket.clone(),
@@ -335,7 +347,7 @@ impl System {
             )]),
             pools: vec![PoolConfig {
                 name: POOL_NAME.into(),
-                device: a.pool_path.display().to_string(),
+                device: a.pool_disk.clone(),
                 size: None,
             }],
             heartbeat: a.heartbeat,
@@ -499,7 +511,7 @@ struct Bind {
     data_dir: PathBuf,
     node_id: String,
     host_nqn: String,
-    pool_path: PathBuf,
+    pool_disk: String,
     engine_listen: SocketAddr,
     agent_listen: SocketAddr,
     csi_socket: PathBuf,

@@ -72,6 +72,33 @@ fn cairn_refuses_a_pool_file_that_is_not_a_pool() {
 }
 
 #[test]
+fn cairn_refuses_a_malformed_pool_disk_uri() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(CAIRN)
+        .args(ephemeral_args(dir.path()))
+        .args(["--pool-disk", "malloc:///ram0"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "size_mb");
+    assert!(!dir.path().join("pool0.img").exists());
+}
+
+#[test]
+fn cairn_runs_its_pool_on_a_malloc_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = System::start(SystemConfig {
+        pool_disk: Some("malloc:///cli-test?size_mb=128".into()),
+        ..SystemConfig::ephemeral(dir.path().to_owned())
+    })
+    .unwrap();
+    // No pool file: the pool is on the RAM disk.
+    assert!(!dir.path().join("pool0.img").exists());
+    let disk = cairn_bdev::malloc::get("cli-test").expect("the RAM disk exists");
+    assert_eq!(disk.size(), 128 << 20);
+    sys.stop().unwrap();
+}
+
+#[test]
 fn cairn_refuses_a_second_instance_on_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
     let sys = System::start(SystemConfig {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use cairn_bdev::uri::DiskUri;
 use cairn_bdev::BlockDevice;
 use cairn_nvmf::{replica_nqn, volume_nqn, volume_serial};
 use cairn_pool::{Pool, PoolCreate, PoolError, Replica, ReplicaCreate};
@@ -34,6 +35,14 @@ pub enum EngineError {
     Busy { what: String, reason: String },
     #[error("{disk} holds data that is not a Cairn pool; refusing to overwrite it")]
     NotAPool { disk: String },
+    #[error(transparent)]
+    DiskUri(#[from] cairn_bdev::uri::UriError),
+    #[error("disk {disk}: {source}")]
+    Disk {
+        disk: String,
+        #[source]
+        source: cairn_bdev::BdevError,
+    },
     #[error("cannot reach child {uri}: {reason}")]
     ChildUnreachable { uri: String, reason: String },
     #[error("{op} failed: {source}")]
@@ -98,6 +107,13 @@ fn is_blank(path: &Path) -> Result<bool, EngineError> {
     Ok(buf[..n].iter().all(|&b| b == 0))
 }
 
+fn resolve(uri: &DiskUri) -> Result<PathBuf, EngineError> {
+    uri.resolve().map_err(|source| EngineError::Disk {
+        disk: uri.to_string(),
+        source,
+    })
+}
+
 fn parse_uuid(kind: &'static str, s: &str) -> Result<Uuid, EngineError> {
     Uuid::parse_str(s)
         .map_err(|_| EngineError::InvalidArgument(format!("{kind} id {s:?} is not a UUID")))
@@ -140,6 +156,29 @@ impl Engine {
     }
 
     // ---- pools ---------------------------------------------------------
+
+    /// [`Engine::create_pool`] on a disk named by URI (a path, `aio://`,
+    /// `uring://` or `malloc://`; see [`cairn_bdev::uri`]). A `malloc://`
+    /// disk is created at the size it names; `create_file_size` is for
+    /// missing files only.
+    pub fn create_pool_uri(
+        &self,
+        name: &str,
+        disk: &str,
+        create_file_size: u64,
+        cluster_size: u32,
+    ) -> Result<Arc<Pool>, EngineError> {
+        let uri = DiskUri::parse(disk)?;
+        let path = resolve(&uri)?;
+        let size = if uri.is_malloc() { 0 } else { create_file_size };
+        self.create_pool(name, &path, size, cluster_size)
+    }
+
+    /// [`Engine::import_pool`] on a disk named by URI.
+    pub fn import_pool_uri(&self, disk: &str) -> Result<Arc<Pool>, EngineError> {
+        let uri = DiskUri::parse(disk)?;
+        self.import_pool(&resolve(&uri)?)
+    }
 
     /// Creates a pool on `disk`, or imports the pool of that name already
     /// there. A disk holding anything else is refused.

@@ -96,7 +96,7 @@ pub fn start(cfg: &EngineConfig, remote: Box<RemoteOpener>) -> Result<Arc<Engine
         Engine::new(target, cfg.host_nqn.clone(), remote).with_nexus_config(cfg.nexus.clone()),
     );
     for p in &cfg.pools {
-        engine.import_pool(p)?;
+        engine.import_pool_uri(&p.to_string_lossy())?;
     }
     Ok(engine)
 }

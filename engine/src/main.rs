@@ -29,7 +29,8 @@ struct Args {
     /// Host NQN the engine uses toward remote replicas.
     #[arg(long)]
     host_nqn: Option<String>,
-    /// Pool disk to import at start (repeatable).
+    /// Pool disk to import at start: a path, aio:///path or uring:///dev/...
+    /// (repeatable).
     #[arg(long = "pool")]
     pools: Vec<PathBuf>,
     /// The node agent's Control API, where nexuses record their healthy

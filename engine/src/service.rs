@@ -2,9 +2,9 @@
 //! [`Engine`] operations on tokio's blocking pool, never on a reactor, and
 //! map errors to status codes here, once.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
+use cairn_bdev::BdevError;
 use cairn_pool::PoolError;
 use cairn_proto::engine::v1 as pb;
 use pb::engine_server::Engine as EngineApi;
@@ -58,6 +58,16 @@ impl From<EngineError> for Status {
             EngineError::Busy { .. } | EngineError::NotAPool { .. } => Code::FailedPrecondition,
             EngineError::ChildUnreachable { .. } => Code::Unavailable,
             EngineError::Io { .. } => Code::Internal,
+            EngineError::DiskUri(_) => Code::InvalidArgument,
+            EngineError::Disk { source, .. } => match source {
+                BdevError::Unsupported { .. } => Code::InvalidArgument,
+                BdevError::Io { source, .. } => match source.kind() {
+                    std::io::ErrorKind::NotFound => Code::NotFound,
+                    std::io::ErrorKind::AlreadyExists => Code::AlreadyExists,
+                    _ => Code::Internal,
+                },
+                _ => Code::Internal,
+            },
         };
         Status::new(code, e.to_string())
     }
@@ -102,7 +112,7 @@ fn pool_pb(p: &cairn_pool::Pool) -> pb::Pool {
     pb::Pool {
         name: i.name,
         uuid: i.uuid.to_string(),
-        disk: i.path.display().to_string(),
+        disk: cairn_bdev::malloc::uri_of(&i.path).unwrap_or_else(|| i.path.display().to_string()),
         capacity_bytes: i.capacity,
         used_bytes: i.used,
         committed_bytes: i.committed,
@@ -217,14 +227,7 @@ impl EngineApi for EngineService {
             Status::invalid_argument(format!("cluster size {} is too large", r.cluster_size))
         })?;
         let p = self
-            .run(move |e| {
-                e.create_pool(
-                    &r.name,
-                    &PathBuf::from(&r.disk),
-                    r.create_file_size,
-                    cluster,
-                )
-            })
+            .run(move |e| e.create_pool_uri(&r.name, &r.disk, r.create_file_size, cluster))
             .await?;
         Ok(Response::new(pool_pb(&p)))
     }
@@ -233,8 +236,8 @@ impl EngineApi for EngineService {
         &self,
         r: Request<pb::ImportPoolRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
-        let disk = PathBuf::from(r.into_inner().disk);
-        let p = self.run(move |e| e.import_pool(&disk)).await?;
+        let disk = r.into_inner().disk;
+        let p = self.run(move |e| e.import_pool_uri(&disk)).await?;
         Ok(Response::new(pool_pb(&p)))
     }
 

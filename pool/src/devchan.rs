@@ -5,20 +5,22 @@
 //! that description for every request in flight, so the lock outlives a
 //! killed engine until its last write has landed: a new import can never
 //! read metadata that a dead process is still writing.
+//!
+//! Reads and writes go through [`FileIo`]: io_uring, or inline copies when
+//! the pool lives in memory (a file on tmpfs, a `malloc://` disk). Write
+//! zeroes runs on the [`cairn_bdev::blocking`] pool, off the reactor.
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
+use cairn_bdev::file::{zero_or_discard_sync, FileIo, IoMode};
 use cairn_bdev::{BdevError, BufResult, IoBuf, IoChannel, IoFuture};
 
 use crate::format::BLOCK_SIZE;
 
-/// `BLKZEROOUT`: zero a byte range of a block device.
-const BLKZEROOUT: libc::c_ulong = 0x127f;
-
 pub(crate) struct DevChannel {
-    file: monoio::fs::File,
-    fd: RawFd,
+    io: FileIo,
+    /// Another `dup`, for the calls that run on the blocking pool.
+    ctl: Arc<std::fs::File>,
     is_block: bool,
 }
 
@@ -26,56 +28,34 @@ impl DevChannel {
     /// Wraps a `dup` of the pool's device handle; call on the reactor that
     /// will use it.
     pub(crate) fn new(file: std::fs::File, is_block: bool) -> Result<Self, BdevError> {
-        let fd = file.as_raw_fd();
-        let file = monoio::fs::File::from_std(file).map_err(|e| BdevError::io("register", e))?;
-        Ok(DevChannel { file, fd, is_block })
+        let ctl = Arc::new(file.try_clone().map_err(|e| BdevError::io("dup", e))?);
+        let io = FileIo::new(file, IoMode::Auto)?;
+        Ok(DevChannel { io, ctl, is_block })
     }
 
     /// Reads at `lba`; what [`IoChannel::read`] boxes, awaited directly on
     /// the replica's data path.
     pub(crate) async fn read_at(&self, lba: u64, buf: IoBuf) -> BufResult {
-        cairn_bdev::file::read_at(&self.file, lba * u64::from(BLOCK_SIZE), buf).await
+        self.io.read_at(lba * u64::from(BLOCK_SIZE), buf).await
     }
 
     /// Writes at `lba`, durably with `fua`; what [`IoChannel::write`] boxes.
     pub(crate) async fn write_at(&self, lba: u64, buf: IoBuf, fua: bool) -> BufResult {
-        cairn_bdev::file::write_at(&self.file, lba * u64::from(BLOCK_SIZE), buf, fua).await
+        self.io
+            .write_at(lba * u64::from(BLOCK_SIZE), buf, fua)
+            .await
     }
 
-    fn zero(&self, lba: u64, blocks: u64) -> Result<(), BdevError> {
+    /// Makes `blocks` blocks at `lba` read as zeros, on the blocking pool.
+    pub(crate) async fn zero(&self, lba: u64, blocks: u64) -> Result<(), BdevError> {
         if blocks == 0 {
             return Ok(());
         }
         let off = lba * u64::from(BLOCK_SIZE);
         let len = blocks * u64::from(BLOCK_SIZE);
-        let ok = if self.is_block {
-            let range: [u64; 2] = [off, len];
-            // SAFETY: BLKZEROOUT reads a [u64; 2] (offset, length) through
-            // the pointer, which points at a live local; the descriptor is
-            // open for as long as `self.file`.
-            unsafe { libc::ioctl(self.fd, BLKZEROOUT, range.as_ptr()) == 0 }
-        } else {
-            match (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
-                (Ok(o), Ok(l)) => {
-                    // SAFETY: fallocate takes plain integers; the descriptor
-                    // is open for as long as `self.file`.
-                    unsafe {
-                        libc::fallocate(
-                            self.fd,
-                            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                            o,
-                            l,
-                        ) == 0
-                    }
-                }
-                _ => false,
-            }
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(BdevError::io("write zeroes", io::Error::last_os_error()))
-        }
+        let (ctl, is_block) = (self.ctl.clone(), self.is_block);
+        cairn_bdev::blocking::run(move || zero_or_discard_sync(&ctl, is_block, off, len, false))
+            .await
     }
 }
 
@@ -89,19 +69,14 @@ impl IoChannel for DevChannel {
     }
 
     fn flush(&self) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(async move {
-            self.file
-                .sync_data()
-                .await
-                .map_err(|e| BdevError::io("fdatasync", e))
-        })
+        Box::pin(self.io.sync_data())
     }
 
     fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(std::future::ready(self.zero(lba, blocks)))
+        Box::pin(self.zero(lba, blocks))
     }
 
     fn deallocate(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), BdevError>> {
-        Box::pin(std::future::ready(self.zero(lba, blocks)))
+        Box::pin(self.zero(lba, blocks))
     }
 }

@@ -800,6 +800,7 @@ fn open_setup(
             FileOptions {
                 block_size: 4096,
                 direct,
+                ..FileOptions::default()
             },
         )
         .with_context(|| format!("creating {}", path.display()))?;

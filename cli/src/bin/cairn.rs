@@ -21,6 +21,12 @@ struct Args {
     /// Size of the pool file created on first start.
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pool_size: u64,
+    /// The pool's disk: a path or aio:///path (file or block device),
+    /// uring:///dev/... (a block device with O_DIRECT), or
+    /// malloc:///NAME?size_mb=N (a RAM disk, gone when cairn exits).
+    /// Default: DATA_DIR/pool0.img, created with --pool-size.
+    #[arg(long)]
+    pool_disk: Option<String>,
     /// NVMe-oF/TCP listener.
     #[arg(long, default_value = "127.0.0.1:8420")]
     nvmf_listen: SocketAddr,
@@ -85,6 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut sys = System::start(SystemConfig {
         pool_size: args.pool_size,
+        pool_disk: args.pool_disk,
         nvmf_listen: args.nvmf_listen,
         engine_listen: args.engine_listen,
         agent_listen: args.agent_listen,
