@@ -77,6 +77,15 @@ fn etcd_binary() -> Option<PathBuf> {
     })
 }
 
+/// These tests need a real etcd; without one they fail (a green run means
+/// they ran). `scripts/install-deps.sh` installs Debian's etcd-server.
+fn require_etcd() {
+    assert!(
+        etcd_binary().is_some(),
+        "no etcd binary on PATH: run scripts/install-deps.sh (etcd-server) or set CAIRN_ETCD_BIN"
+    );
+}
+
 fn free_port(ip: [u8; 4]) -> u16 {
     TcpListener::bind(SocketAddr::from((ip, 0)))
         .unwrap()
@@ -743,10 +752,7 @@ fn cairnctl_json(agent: &str, id: &str) -> (serde_json::Value, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let mut c = Cluster::start().await;
@@ -1021,10 +1027,7 @@ async fn connect(ep: String) -> Option<apb::control_client::ControlClient<Channe
 async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
     // Volumes created while the kills happen.
     const NEW: usize = 20;
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let mut c = Cluster::start().await;
@@ -1180,10 +1183,7 @@ async fn killing_etcd_and_the_lease_holder_leaves_no_half_made_volume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     // No garbage collection: the operations alone must leave nothing.
@@ -1256,10 +1256,7 @@ async fn fifty_volumes_created_and_deleted_in_parallel_leak_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     let c = Cluster::start().await;
     let mut api = c.api(0).await;
@@ -1386,10 +1383,7 @@ async fn a_nexus_is_built_only_from_replicas_its_health_record_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_outage_is_resynced_in_place_not_replaced() {
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     // Replacement only after a long outage: this one is short.
     let mut c = Cluster::start_with(ControlConfig {
@@ -1474,10 +1468,7 @@ async fn a_short_outage_is_resynced_in_place_not_replaced() {
 /// `cairnctl pool check` calls) reports the header and repairs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_group_header_faults_only_its_replicas_which_are_rebuilt() {
-    if etcd_binary().is_none() {
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
-        return;
-    }
+    require_etcd();
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start_with(ControlConfig {
         replace_after: Duration::from_secs(60),
