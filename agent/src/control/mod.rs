@@ -131,6 +131,27 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Adds `uri` to the nexus of `volume` on `node`'s engine; a child the
+/// nexus has already is left as it is.
+async fn add_child(
+    engine: &mut EngineClient<Channel>,
+    volume: &str,
+    uri: &str,
+    node: &str,
+) -> Result<(), ControlError> {
+    match engine
+        .add_child(pb::AddChildRequest {
+            uuid: volume.to_owned(),
+            uri: uri.to_owned(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+        Err(s) => Err(engine_err(node)(s)),
+    }
+}
+
 fn engine_err(node: &str) -> impl Fn(tonic::Status) -> ControlError + '_ {
     move |status| ControlError::Engine {
         node: node.to_owned(),
@@ -682,18 +703,7 @@ impl Control {
             self.save(vol).await?;
         }
         for uri in resync {
-            // A child the engine's nexus has already is left as it is.
-            match engine
-                .add_child(pb::AddChildRequest {
-                    uuid: vol.id.clone(),
-                    uri: uri.clone(),
-                })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::AlreadyExists => {}
-                Err(s) => return Err(engine_err(&node.id)(s)),
-            }
+            add_child(&mut engine, &vol.id, &uri, &node.id).await?;
             tracing::info!(volume = %vol.id, child = %uri, "nexus did not shut down cleanly; child copied from the first one");
         }
         Ok(nexus)

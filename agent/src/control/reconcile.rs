@@ -57,7 +57,7 @@ use tonic::Code;
 
 use super::lease::CONTROL_LEASE;
 use super::placement::{place, PlacementRequest};
-use super::{engine_err, now_secs, Control, Holder};
+use super::{add_child, engine_err, now_secs, Control, Holder};
 use crate::error::ControlError;
 use crate::model::{
     replica_of_child_uri, NexusHealth, NodeRecord, ReplicaSpec, VolumePhase, VolumeSpec,
@@ -898,17 +898,7 @@ impl Control {
                 .await?
         };
         let mut engine = self.engine(nexus_node)?;
-        match engine
-            .add_child(pb::AddChildRequest {
-                uuid: vol.id.clone(),
-                uri: uri.clone(),
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) => return Err(engine_err(&nexus_node.id)(s)),
-        }
+        add_child(&mut engine, &vol.id, &uri, &nexus_node.id).await?;
         tracing::info!(volume = %vol.id, replica = %r.uuid, node = %r.node, nexus = %nexus_node.id, "rebuild started");
         Ok(())
     }
