@@ -188,11 +188,32 @@ pub fn zero_or_discard_sync(
         return Ok(());
     }
     let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EOPNOTSUPP) && discard {
-        // Punching holes is a hint; a filesystem without it keeps data.
-        return Err(BdevError::Unsupported { op: "deallocate" });
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        if discard {
+            // Punching holes is a hint; a filesystem without it keeps data.
+            return Err(BdevError::Unsupported { op: "deallocate" });
+        }
+        // No zero range (tmpfs and memfd RAM disks): write zeros here, on
+        // the blocking thread, so no reactor ever does it.
+        return write_zeros_sync(file, off, len);
     }
     Err(BdevError::io("fallocate", err))
+}
+
+/// Writes `len` zero bytes at `off`, in 1 MiB pieces from one aligned
+/// buffer (the descriptor may be `O_DIRECT`). Blocks.
+fn write_zeros_sync(file: &File, off: u64, len: u64) -> Result<(), BdevError> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 1 << 20;
+    let zeros = IoBuf::zeroed(PIECE as usize);
+    let mut at = off;
+    while at < off + len {
+        let n = PIECE.min(off + len - at) as usize;
+        file.write_all_at(&zeros.as_slice()[..n], at)
+            .map_err(|e| BdevError::io("write zeroes", e))?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// How to open a [`FileDevice`].
@@ -517,6 +538,30 @@ pub(crate) mod tests {
             outcome.recv().unwrap(),
             "the reads did not complete while the discard was in progress"
         );
+    }
+
+    /// tmpfs has no zero range: the zeros are written by the blocking
+    /// call itself (so a thick replica's TRIM never falls back to writes
+    /// on its reactor).
+    #[test]
+    fn zeroing_a_file_without_zero_range_writes_zeros() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("z");
+        let f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(&vec![0xab; 3 << 20], 0).unwrap();
+        zero_or_discard_sync(&f, false, 4096, (2 << 20) + 8192, false).unwrap();
+        let mut back = vec![0u8; 3 << 20];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0xab));
+        assert!(back[4096..4096 + (2 << 20) + 8192].iter().all(|&b| b == 0));
+        assert!(back[4096 + (2 << 20) + 8192..].iter().all(|&b| b == 0xab));
     }
 
     #[test]
