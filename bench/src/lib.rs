@@ -26,6 +26,7 @@
 //! [`BlockDevice`]: cairn_bdev::BlockDevice
 
 pub mod cpu;
+pub mod discard;
 pub mod model;
 pub mod report;
 pub mod result;

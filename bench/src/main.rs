@@ -22,6 +22,9 @@ const USAGE: &str = "\
 usage: cairn-bench (--filename PATH | --ram SIZE | --nvmf HOST:PORT --nqn NQN) [options]
        cairn-bench suite [--quick] [--out DIR] [suite options]   (see: cairn-bench suite --help)
        cairn-bench serve [options]   the suite's engine setups for outside initiators (serve --help)
+       cairn-bench discard-stall [--size 10g] [--read-size 64m] [--runtime 3s] [--rounds 3] [--disk URI]
+                      QD1 reads on one replica while another of the same pool
+                      and reactor is discarded whole (p99 side by side)
 
 target:
   --filename PATH     file or block device (a missing file is created with --size)
@@ -298,6 +301,42 @@ fn open_nvmf(a: &Args, hostport: &str) -> anyhow::Result<(Arc<dyn BlockDevice>, 
     }
 }
 
+/// `cairn-bench discard-stall`: see [`cairn_bench::discard`].
+fn discard_main(args: &[String]) -> anyhow::Result<ExitCode> {
+    let mut o = cairn_bench::discard::DiscardOptions {
+        disk: None,
+        discard_size: 10 << 30,
+        read_size: 64 << 20,
+        runtime: std::time::Duration::from_secs(3),
+        rounds: 3,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .with_context(|| format!("{flag} needs a value"))
+                .map(String::as_str)
+        };
+        match flag.as_str() {
+            "--size" => o.discard_size = parse_size(value()?)?,
+            "--read-size" => o.read_size = parse_size(value()?)?,
+            "--runtime" => o.runtime = parse_duration(value()?)?,
+            "--rounds" => {
+                o.rounds = u32::try_from(parse_count("--rounds", value()?)?)
+                    .context("--rounds is too large")?
+            }
+            "--disk" => o.disk = Some(value()?.to_owned()),
+            other => bail!("discard-stall: unknown option {other}"),
+        }
+    }
+    if o.rounds == 0 {
+        bail!("discard-stall: --rounds must be at least 1");
+    }
+    let report = cairn_bench::discard::discard_stall(o)?;
+    print!("{}", report.table());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
@@ -315,6 +354,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
     if raw.first().map(String::as_str) == Some("serve") {
         return suite_main(raw[1..].to_vec(), true);
+    }
+    if raw.first().map(String::as_str) == Some("discard-stall") {
+        return discard_main(&raw[1..]);
     }
     let Some(args) = parse_args(raw)? else {
         print!("{USAGE}");
