@@ -11,7 +11,9 @@
 //! io_uring's own workers, so a plain pool costs no more and covers every
 //! case the same way. These calls are rare (TRIM, write zeroes, the first
 //! write of a thin cluster), so two threads are plenty; a queue behind a
-//! long discard waits for it, not the reactor.
+//! long discard waits for it, not the reactor. The threads run at the
+//! lowest priority (nice 19): on a busy machine a long zeroing must not take
+//! the CPU from the reactors serving other volumes.
 
 use std::sync::OnceLock;
 
@@ -22,6 +24,9 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Threads in the pool.
 const THREADS: usize = 2;
+/// Their nice value: the lowest priority, so a long zeroing or discard
+/// takes only CPU time the reactors leave.
+const NICE: libc::c_int = 19;
 
 fn pool() -> Option<&'static flume::Sender<Job>> {
     static POOL: OnceLock<Option<flume::Sender<Job>>> = OnceLock::new();
@@ -33,6 +38,11 @@ fn pool() -> Option<&'static flume::Sender<Job>> {
             let spawned = std::thread::Builder::new()
                 .name(format!("cairn-blocking-{i}"))
                 .spawn(move || {
+                    // Background work: yield the CPU to reactors and to
+                    // the I/O they serve. A failure leaves the default.
+                    // SAFETY: setpriority takes plain integers; who = 0
+                    // is the calling thread on Linux.
+                    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
                     while let Ok(job) = rx.recv() {
                         job();
                     }
