@@ -65,13 +65,9 @@ pub struct DiscardReport {
     pub runs: Vec<ReadRun>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+/// The median of `v`; NaN (shown as such) when there is none.
+fn median(v: Vec<f64>) -> f64 {
+    crate::suite::median(v).unwrap_or(f64::NAN)
 }
 
 impl DiscardReport {

@@ -46,6 +46,7 @@ use crate::runner::{run, run_interleaved, Progress, RunOptions};
 use crate::spec::{format_size, JobSpec, Pattern};
 use cluster::Cluster;
 
+pub(crate) use report::median;
 pub use report::{IdleCpu, Interleaved, Ratio, RebuildRun, Row, SuiteReport};
 
 /// What a suite runs against.

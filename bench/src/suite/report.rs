@@ -114,7 +114,7 @@ fn per_run_ratios(num: &[f64], den: &[f64]) -> Vec<f64> {
 }
 
 /// The median of `v` (none if empty).
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     match n {

@@ -304,16 +304,11 @@ fn stats_blocking(
     })
 }
 
-/// The volume's condition on this node: abnormal when its block device is
-/// gone or none of its NVMe controllers is live.
+/// The condition of a volume whose block device is attached here:
+/// abnormal when none of its NVMe controllers is live. (Without a device
+/// there are no stats to carry a condition: the call is NOT_FOUND.)
 fn volume_condition(host: &Host, uuid: Uuid) -> csi::VolumeCondition {
     let nqn = context::volume_nqn(&uuid.to_string());
-    if host.find_device(&uuid).is_none() {
-        return csi::VolumeCondition {
-            abnormal: true,
-            message: format!("no block device with namespace uuid {uuid} on this node"),
-        };
-    }
     let ctrls = host.controllers(&nqn);
     if !ctrls.is_empty() && !ctrls.iter().any(|(_, state)| state == "live") {
         let states: Vec<String> = ctrls.iter().map(|(c, s)| format!("{c}={s}")).collect();
