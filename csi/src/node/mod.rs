@@ -9,8 +9,8 @@
 //!
 //! Capabilities: STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME and
 //! SINGLE_NODE_MULTI_WRITER; with [`NodeConfig::alpha_capabilities`], also
-//! the alpha VOLUME_CONDITION: NodeGetVolumeStats then reports a vanished
-//! device or a subsystem with no live path as abnormal.
+//! the alpha VOLUME_CONDITION: NodeGetVolumeStats then reports a volume
+//! whose subsystem has no live path as abnormal.
 
 pub mod context;
 pub mod error;
