@@ -974,18 +974,50 @@ async fn a_lost_node_is_replaced_or_resynced_and_nothing_is_lost() {
         verify_replicas(&c, &spec.replicas, &r.expected).await;
     }
     c.wait_no_orphans(Duration::from_secs(10)).await;
-    // Nexuses only where volumes are published.
-    for n in &c.nodes {
-        let mut nexuses: Vec<String> = n.engine().nexuses(|x| x.uuid.to_string());
-        nexuses.sort();
-        let mut want: Vec<String> = if n.id == "n2" {
-            vec![two.id.clone(), three.id.clone()]
-        } else {
-            vec![]
-        };
-        want.sort();
-        assert_eq!(nexuses, want, "nexuses on {}", n.id);
+    // Nexuses only where volumes are published, once the reconciler has
+    // removed any rebuild nexus and collected what no record places.
+    let mut want: Vec<String> = vec![two.id.clone(), three.id.clone()];
+    want.sort();
+    let nexus_sets = || {
+        c.nodes
+            .iter()
+            .map(|n| {
+                let mut nexuses: Vec<String> = n.engine().nexuses(|x| x.uuid.to_string());
+                nexuses.sort();
+                (n.id.clone(), nexuses)
+            })
+            .collect::<Vec<_>>()
+    };
+    let settling = Instant::now();
+    let settled = settling + Duration::from_secs(30);
+    loop {
+        let sets = nexus_sets();
+        let ok = sets.iter().all(|(node, have)| {
+            if node == "n2" {
+                *have == want
+            } else {
+                have.is_empty()
+            }
+        });
+        if ok {
+            println!(
+                "nexuses settled {:?} after the replicas",
+                settling.elapsed()
+            );
+            break;
+        }
+        if Instant::now() >= settled {
+            let cold_now = c.observer.volume(&cold.id).await;
+            panic!(
+                "nexuses {sets:?}; want {want:?} on n2 only; cold volume {} now {cold_now:?}",
+                cold.id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let cold_now = c.observer.volume(&cold.id).await.unwrap();
+    assert_eq!(healthy_nodes(&cold_now), ["n2", "n3"], "{cold_now:?}");
+    verify_replicas(&c, &cold_now.replicas, &cold_written.expected).await;
     println!(
         "writes {}/{}; replacement rebuilt {replaced_after:?} after the kill; \
          resync {resync_after:?} after the return; whole test {:?}",
